@@ -1,0 +1,154 @@
+"""The cluster as the policy engine sees it: immutable values parsed from API objects.
+
+Everything downstream (selection, compilation) is a pure function of these
+types, so they are frozen and hashable, and carry no API noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Mapping, Optional, Union
+
+TCP, UDP, SCTP = "TCP", "UDP", "SCTP"
+PROTOCOLS = (TCP, UDP, SCTP)
+INGRESS, EGRESS = "Ingress", "Egress"
+
+Labels = tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+
+
+def freeze_labels(labels: Optional[Mapping[str, str]]) -> Labels:
+    return tuple(sorted((labels or {}).items()))
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One matchExpressions entry; operator is In, NotIn, Exists or DoesNotExist."""
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A parsed label selector. The empty selector matches everything.
+
+    `match_nothing` is the fail-closed form of a selector that could not be
+    understood: it matches no object at all.
+    """
+    match_labels: Labels = ()
+    match_expressions: tuple[Requirement, ...] = ()
+    match_nothing: bool = False
+
+
+EVERYTHING = LabelSelector()
+NOTHING = LabelSelector(match_nothing=True)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Labels = ()
+
+    @cached_property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: str = TCP
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod that holds an address and is running (others never reach the model)."""
+    namespace: str
+    name: str
+    node: str
+    ips: tuple[str, ...]            # status.podIPs, IPv4 and/or IPv6, as given
+    labels: Labels = ()
+    host_network: bool = False
+    ports: tuple[ContainerPort, ...] = ()
+
+    @cached_property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: str                        # normalised network, e.g. "10.0.0.0/8"
+    excepts: tuple[str, ...] = ()    # normalised networks inside cidr
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of from/to. Exactly one of the two shapes is used:
+    selectors (pod_selector and/or namespace_selector) or ip_block.
+    A pod_selector without namespace_selector means the policy's namespace.
+    """
+    pod_selector: Optional[LabelSelector] = None
+    namespace_selector: Optional[LabelSelector] = None
+    ip_block: Optional[IPBlock] = None
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """port is a number, a container port name, or None (every port)."""
+    protocol: str = TCP
+    port: Union[int, str, None] = None
+    end_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One ingress or egress rule.
+
+    peers None: any peer (from/to absent or empty). ports None: any port and
+    protocol (ports absent or empty). A rule that failed validation never
+    reaches this type: it is dropped, so it allows nothing.
+    """
+    peers: Optional[tuple[Peer, ...]] = None
+    ports: Optional[tuple[PolicyPort, ...]] = None
+    index: int = 0                   # position in spec.ingress / spec.egress, for names and comments
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    namespace: str
+    name: str
+    pod_selector: LabelSelector
+    policy_types: frozenset[str]     # subset of {INGRESS, EGRESS}, defaulted as the API server does
+    ingress: tuple[PolicyRule, ...] = ()
+    egress: tuple[PolicyRule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validation error: the object, the field path and what is wrong."""
+    kind: str                        # "NetworkPolicy", "Pod", "Namespace"
+    object: str                      # "namespace/name" or "name"
+    field: str                       # "spec.ingress[0].ports[1].endPort"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.object}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What one cycle knows: every usable object, plus the problems met on the way."""
+    namespaces: tuple[Namespace, ...] = ()
+    pods: tuple[Pod, ...] = ()
+    policies: tuple[NetworkPolicy, ...] = ()
+    problems: tuple[Problem, ...] = field(default=(), compare=False)

@@ -67,7 +67,7 @@ class Pod:
     namespace: str
     name: str
     node: str
-    ips: tuple[str, ...]            # status.podIPs, IPv4 and/or IPv6, as given
+    ips: tuple[str, ...]            # status.podIPs, IPv4 and/or IPv6, canonical text
     labels: Labels = ()
     host_network: bool = False
     ports: tuple[ContainerPort, ...] = ()

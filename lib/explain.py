@@ -1,0 +1,211 @@
+"""Why is a connection allowed or refused? Evaluates the NetworkPolicy API
+directly on the model, pair by pair, apart from the iptables compiler: it is
+the reference the compiled rules are checked against, and what an operator
+reads when a connection fails.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional
+
+from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule
+from lib.selectors import NAME_LABEL, matches
+
+
+class EndpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    text: str                  # as given
+    ip: str                    # the address used for this family
+    pod: Optional[Pod] = None  # None for an address outside the cluster's pods
+    node: Optional[str] = None # set when the address is a node's own (or a host-network pod's)
+
+    @property
+    def name(self) -> str:
+        return self.pod.key if self.pod else self.ip
+
+
+@dataclass(frozen=True)
+class Direction:
+    direction: str                         # "egress" (of the source) or "ingress" (of the destination)
+    applies: bool                          # False: the endpoint is not a pod this API can isolate
+    isolated: bool = False
+    policies: tuple[str, ...] = ()         # policies selecting the pod with this policy type
+    allowed_by: tuple[str, ...] = ()       # "ns/name ingress[0] ports[1]" entries that admit it
+    allowed: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    source: str
+    destination: str
+    port: int
+    protocol: str
+    family: int
+    allowed: bool
+    egress: Direction = field(default=None)
+    ingress: Direction = field(default=None)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _family(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
+
+
+def _pick_ip(pod: Pod, family: Optional[int]) -> Optional[str]:
+    for ip in pod.ips:
+        if family is None or _family(ip) == family:
+            return ip
+    return None
+
+
+def resolve(cluster: Cluster, text: str, family: Optional[int] = None,
+            node_addresses: Optional[Mapping[str, tuple[str, ...]]] = None) -> Endpoint:
+    """`namespace/pod`, a pod or node address, or any address / CIDR (its network address)."""
+    nodes = node_addresses or {}
+    if "/" in text and not _looks_like_cidr(text):
+        ns, _, name = text.partition("/")
+        pod = next((p for p in cluster.pods if p.namespace == ns and p.name == name), None)
+        if pod is None:
+            raise EndpointError(f"{text}: no such running pod with an address")
+        ip = _pick_ip(pod, family)
+        if ip is None:
+            raise EndpointError(f"{text}: the pod has no IPv{family} address")
+        return Endpoint(text, ip, pod, pod.node if pod.host_network else None)
+    try:
+        ip = str(ipaddress.ip_network(text, strict=False).network_address)
+    except ValueError:
+        raise EndpointError(f"{text}: not namespace/pod, an IP address or a CIDR") from None
+    if family is not None and _family(ip) != family:
+        raise EndpointError(f"{text}: not an IPv{family} address")
+    owner = next((p for p in cluster.pods if not p.host_network and ip in p.ips), None)
+    node = next((n for n, addrs in sorted(nodes.items()) if ip in addrs), None)
+    if owner is None and node is None:
+        host = next((p for p in cluster.pods if p.host_network and ip in p.ips), None)
+        node = host.node if host else None
+    return Endpoint(text, ip, owner, node)
+
+
+def _looks_like_cidr(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+def _namespace_labels(cluster: Cluster, name: str) -> Mapping[str, str]:
+    for ns in cluster.namespaces:
+        if ns.name == name:
+            return ns.label_map
+    return {NAME_LABEL: name}
+
+
+def _peer_matches(cluster: Cluster, policy: NetworkPolicy, peer: Peer, other: Endpoint) -> bool:
+    if peer.ip_block is not None:
+        addr = ipaddress.ip_address(other.ip)
+        net = ipaddress.ip_network(peer.ip_block.cidr)
+        if addr.version != net.version or addr not in net:
+            return False
+        return not any(addr in ipaddress.ip_network(e) for e in peer.ip_block.excepts
+                       if ipaddress.ip_network(e).version == addr.version)
+    pod = other.pod
+    if pod is None or pod.host_network:
+        return False     # selectors never match host-network pods or outside addresses
+    if peer.namespace_selector is None:
+        if pod.namespace != policy.namespace:
+            return False
+    elif not matches(peer.namespace_selector, _namespace_labels(cluster, pod.namespace)):
+        return False
+    return peer.pod_selector is None or matches(peer.pod_selector, pod.label_map)
+
+
+def _port_matches(entry: PolicyPort, port: int, protocol: str, dst: Endpoint) -> bool:
+    if entry.protocol != protocol:
+        return False
+    if entry.port is None:
+        return True
+    if isinstance(entry.port, int):
+        return entry.port <= port <= (entry.end_port or entry.port)
+    if dst.pod is None or dst.pod.host_network:
+        return False     # a named port is resolved against the destination pod's containers
+    return any(cp.name == entry.port and cp.protocol == protocol and cp.port == port
+               for cp in dst.pod.ports)
+
+
+def _rule_admits(cluster, policy, rule: PolicyRule, direction: str, other: Endpoint,
+                 port: int, protocol: str, dst: Endpoint) -> Optional[str]:
+    if rule.peers is not None and not any(
+            _peer_matches(cluster, policy, peer, other) for peer in rule.peers):
+        return None
+    label = f"{policy.key} {direction.lower()}[{rule.index}]"
+    if rule.ports is None:
+        return label
+    for i, entry in enumerate(rule.ports):
+        if _port_matches(entry, port, protocol, dst):
+            return f"{label} ports[{i}]"
+    return None
+
+
+def _direction(cluster, pod: Optional[Pod], direction: str, other: Endpoint,
+               port: int, protocol: str, dst: Endpoint) -> Direction:
+    name = direction.lower()
+    if pod is None or pod.host_network:
+        why = "host-network pods are never isolated" if pod else "not a pod of the cluster"
+        return Direction(name, applies=False, reason=why)
+    selecting = [p for p in sorted(cluster.policies, key=lambda p: p.key)
+                 if p.namespace == pod.namespace and direction in p.policy_types
+                 and matches(p.pod_selector, pod.label_map)]
+    if not selecting:
+        return Direction(name, applies=True, reason=f"no policy isolates {pod.key} for {name}")
+    admitted = []
+    for policy in selecting:
+        for rule in (policy.ingress if direction == INGRESS else policy.egress):
+            hit = _rule_admits(cluster, policy, rule, direction, other, port, protocol, dst)
+            if hit:
+                admitted.append(hit)
+    keys = tuple(p.key for p in selecting)
+    if admitted:
+        return Direction(name, True, True, keys, tuple(admitted), True,
+                         f"admitted by {admitted[0]}")
+    return Direction(name, True, True, keys, (), False,
+                     f"isolated by {', '.join(keys)} and no rule admits it")
+
+
+def explain(cluster: Cluster, source: str, destination: str, port: int, protocol: str = "TCP",
+            family: Optional[int] = None,
+            node_addresses: Optional[Mapping[str, tuple[str, ...]]] = None) -> Explanation:
+    protocol = protocol.upper()
+    dst = resolve(cluster, destination, family, node_addresses)
+    fam = _family(dst.ip)
+    src = resolve(cluster, source, fam, node_addresses)
+    egress = _direction(cluster, src.pod, EGRESS, dst, port, protocol, dst)
+    dst_pod = dst.pod if dst.pod is not None and not dst.pod.host_network else None
+    if dst_pod is not None and src.node is not None and src.node == dst_pod.node:
+        ingress = Direction("ingress", applies=True, reason=(
+            f"from {dst_pod.key}'s own node: always allowed (kubelet probes)"))
+    else:
+        ingress = _direction(cluster, dst.pod, INGRESS, src, port, protocol, dst)
+    return Explanation(src.name, dst.name, port, protocol, fam,
+                       egress.allowed and ingress.allowed, egress, ingress)
+
+
+def render(e: Explanation) -> str:
+    verdict = "ALLOWED" if e.allowed else "DENIED"
+    lines = [f"{e.source} -> {e.destination} {e.port}/{e.protocol} (IPv{e.family}): {verdict}"]
+    for d in (e.egress, e.ingress):
+        who = e.source if d.direction == "egress" else e.destination
+        state = "allows" if d.allowed else "REFUSES"
+        lines.append(f"  {d.direction} of {who}: {state} - {d.reason}")
+        if d.policies:
+            lines.append(f"    selected by: {', '.join(d.policies)}")
+        for hit in d.allowed_by[1:]:
+            lines.append(f"    also admitted by {hit}")
+    return "\n".join(lines) + "\n"

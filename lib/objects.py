@@ -1,0 +1,724 @@
+"""Kubernetes API JSON -> the frozen values of lib.model.
+
+The input is whatever the API (or something posing as it) returned, so no
+field is trusted: each is type-checked and validated as the API server would,
+and every defect becomes a `Problem` instead of an exception.
+
+Fail closed, never open. A NetworkPolicy that is only partly understood must
+not allow more than its author meant, and must not stop isolating what it
+isolates:
+
+- an invalid field anywhere inside one rule drops that whole rule (a dropped
+  rule allows nothing; dropping only a peer or a port could leave an empty
+  list, which means "all");
+- an invalid `spec.podSelector` selects every pod of the namespace, for both
+  directions, keeping the rules that parsed;
+- invalid `spec.policyTypes` means both directions;
+- `spec.ingress` / `spec.egress` that is not a list contributes no rule, and
+  still counts as present when policyTypes is defaulted;
+- an unknown field directly in `spec` (perhaps a newer API field whose meaning
+  we would miss) keeps the isolation and drops every rule.
+
+Pods and Namespaces are data for selectors: a bad label entry or container
+port is dropped on its own, with a Problem.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import replace
+from typing import Any, Callable, Optional, Union
+
+from lib.model import (
+    EGRESS, EVERYTHING, INGRESS, PROTOCOLS, TCP, Cluster, ContainerPort, IPBlock,
+    LabelSelector, Namespace, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule,
+    Problem, Requirement, freeze_labels,
+)
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+TERMINAL_PHASES = ("Succeeded", "Failed")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+BOTH = frozenset((INGRESS, EGRESS))
+UNKNOWN = "<unknown>"           # object label when the name cannot be read
+ROOT = "<root>"                 # field label for the object itself
+
+SPEC_FIELDS = ("podSelector", "policyTypes", "ingress", "egress")
+SELECTOR_FIELDS = ("matchLabels", "matchExpressions")
+REQUIREMENT_FIELDS = ("key", "operator", "values")
+PEER_FIELDS = ("podSelector", "namespaceSelector", "ipBlock")
+PORT_FIELDS = ("protocol", "port", "endPort")
+IPBLOCK_FIELDS = ("cidr", "except")
+
+MAX_SHOWN = 64                  # characters of a value quoted in a message
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+# Only the text forms Go's net.ParseIP / ParseCIDR take: no zone, no netmask.
+_IP_TEXT = re.compile(r"[0-9A-Fa-f.:]+")
+_CIDR_TEXT = re.compile(r"[0-9A-Fa-f.:]+/[0-9]{1,3}")
+_PORT_NAME_CHARS = re.compile(r"[-a-z0-9]*")
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+# --- safe text for one-line logs -------------------------------------------
+
+def _escape_char(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def quote(text: str) -> str:
+    """Double-quoted, control characters escaped, bounded: safe in a log line
+    whatever the API sent."""
+    body = "".join(_escape_char(c) for c in text[:MAX_SHOWN])
+    suffix = f"...({len(text)} chars)" if len(text) > MAX_SHOWN else ""
+    return f'"{body}"{suffix}'
+
+
+def show(value: Any) -> str:
+    """A short, safe rendering of any decoded JSON value, for "got ..."."""
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else "a very large integer"
+    if isinstance(value, float):
+        return repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a value of type " + quote(type(value).__name__)
+
+
+def _name(text: str) -> str:
+    """Object names as they appear in Problems: plain when they are ordinary
+    Kubernetes names, quoted otherwise."""
+    return text if _PLAIN_NAME.fullmatch(text) else quote(text)
+
+
+def _key(path: str, key: Any) -> str:
+    if isinstance(key, str) and _IDENT.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{show(key)}]"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- problem collection ------------------------------------------------------
+
+class _Report:
+    """The problems of one object; `len()` lets a caller see whether a part it
+    just parsed added any."""
+
+    def __init__(self, kind: str, obj: str):
+        self.kind, self.obj = kind, obj
+        self.problems: list[Problem] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.problems.append(Problem(self.kind, self.obj, field, message))
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def annotate_since(self, start: int, note: str) -> None:
+        """Say what a defect costs, on the problems added since `start`."""
+        self.problems[start:] = [replace(p, message=f"{p.message} ({note})")
+                                 for p in self.problems[start:]]
+
+
+def _unknown_fields(r: _Report, obj: dict, path: str, known: tuple[str, ...],
+                    note: str = "") -> int:
+    count = 0
+    for k in obj:
+        if k not in known:
+            r.add(_key(path, k), "unknown field" + (f" ({note})" if note else ""))
+            count += 1
+    return count
+
+
+def _identity(kind: str, obj: Any, where: str, namespaced: bool
+              ) -> tuple[Optional[str], Optional[str], list[Problem]]:
+    """(namespace, name) of an API object, or the problems that hide it."""
+    if not isinstance(obj, dict):
+        return None, None, [Problem(kind, where, ROOT, f"must be an object, got {show(obj)}")]
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        msg = "required" if meta is None else f"must be an object, got {show(meta)}"
+        return None, None, [Problem(kind, where, "metadata", msg)]
+    problems = []
+    namespace = None
+    if namespaced:
+        namespace = meta.get("namespace")
+        if not isinstance(namespace, str) or not namespace:
+            namespace = None
+            problems.append(Problem(kind, where, "metadata.namespace",
+                                    _required_string(meta.get("namespace"))))
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        obj_label = f"{_name(namespace)}/{where}" if namespace else where
+        problems.append(Problem(kind, obj_label, "metadata.name", _required_string(name)))
+        name = None
+    if problems:
+        return None, None, problems
+    return namespace, name, []
+
+
+def _required_string(value: Any) -> str:
+    return "required" if value is None or value == "" else f"must be a string, got {show(value)}"
+
+
+def _object_label(namespace: Optional[str], name: str) -> str:
+    return f"{_name(namespace)}/{_name(name)}" if namespace is not None else _name(name)
+
+
+def _labels(r: _Report, value: Any, path: str) -> dict[str, str]:
+    """Labels of a pod or namespace: keep every valid entry."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        r.add(path, f"must be a map of strings to strings, got {show(value)}")
+        return {}
+    labels = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            r.add(_key(path, k), "label key must be a non-empty string")
+        elif not isinstance(v, str):
+            r.add(_key(path, k), f"label value must be a string, got {show(v)}")
+        else:
+            labels[k] = v
+    return labels
+
+
+# --- addresses and ports -----------------------------------------------------
+
+def _parse_ip(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    if not _IP_TEXT.fullmatch(text):
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _parse_cidr(text: str) -> Optional[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]:
+    if not _CIDR_TEXT.fullmatch(text):
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def port_name_errors(name: str) -> list[str]:
+    """Why `name` is not an IANA service name (empty list when it is one)."""
+    errors = []
+    if not name:
+        return ["must not be empty"]
+    if len(name) > 15:
+        errors.append("must be no more than 15 characters")
+    if not _PORT_NAME_CHARS.fullmatch(name):
+        errors.append("must contain only lowercase letters (a-z), digits (0-9) and '-'")
+    if not re.search(r"[a-z]", name):
+        errors.append("must contain at least one letter (a-z)")
+    if name.startswith("-") or name.endswith("-"):
+        errors.append("must not begin or end with '-'")
+    if "--" in name:
+        errors.append("must not contain consecutive '-'")
+    return errors
+
+
+def _protocol(r: _Report, value: Any, path: str) -> Optional[str]:
+    if value is None:
+        return TCP
+    if isinstance(value, str) and value in PROTOCOLS:
+        return value
+    r.add(path, f'unsupported value {show(value)}: supported values: "TCP", "UDP", "SCTP"')
+    return None
+
+
+def _port_number(r: _Report, value: Any, path: str) -> Optional[int]:
+    if _is_int(value) and 1 <= value <= 65535:
+        return value
+    r.add(path, f"must be an integer between 1 and 65535, got {show(value)}")
+    return None
+
+
+# --- namespaces ---------------------------------------------------------------
+
+def parse_namespace(obj: Any) -> tuple[Optional[Namespace], list[Problem]]:
+    return _parse_namespace(obj, UNKNOWN)
+
+
+def _parse_namespace(obj: Any, where: str) -> tuple[Optional[Namespace], list[Problem]]:
+    _, name, problems = _identity("Namespace", obj, where, namespaced=False)
+    if name is None:
+        return None, problems
+    r = _Report("Namespace", _object_label(None, name))
+    labels = _labels(r, obj["metadata"].get("labels"), "metadata.labels")
+    labels[NAMESPACE_NAME_LABEL] = name     # as the API server sets it
+    return Namespace(name=name, labels=freeze_labels(labels)), r.problems
+
+
+# --- pods ---------------------------------------------------------------------
+
+def parse_pod(obj: Any) -> tuple[Optional[Pod], list[Problem]]:
+    return _parse_pod(obj, UNKNOWN)
+
+
+def _has_address(status: Any) -> bool:
+    """Whether the pod may hold traffic. A finished pod's address may already
+    belong to a new pod, so it must never contribute one."""
+    if not isinstance(status, dict):
+        return status is not None      # a malformed status is reported later
+    if status.get("phase") in TERMINAL_PHASES:
+        return False
+    return status.get("podIPs") not in (None, []) or status.get("podIP") not in (None, "")
+
+
+def _parse_pod(obj: Any, where: str) -> tuple[Optional[Pod], list[Problem]]:
+    if isinstance(obj, dict) and not _has_address(obj.get("status")):
+        return None, []
+    namespace, name, problems = _identity("Pod", obj, where, namespaced=True)
+    if name is None:
+        return None, problems
+    r = _Report("Pod", _object_label(namespace, name))
+    status = obj.get("status")
+    if not isinstance(status, dict):
+        r.add("status", f"must be an object, got {show(status)}")
+        return None, r.problems
+    ips = _pod_ips(r, status)
+    if not ips:
+        return None, r.problems
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        r.add("spec", "required" if spec is None else f"must be an object, got {show(spec)}")
+        return None, r.problems
+    host_network = spec.get("hostNetwork")
+    if host_network is None:
+        host_network = False
+    elif not isinstance(host_network, bool):
+        # Guessing either way is wrong: as a pod it would isolate its node's
+        # address, as host network it would escape isolation.
+        r.add("spec.hostNetwork", f"must be a boolean, got {show(host_network)}")
+        return None, r.problems
+    node = spec.get("nodeName")
+    if node is None:
+        node = ""
+    elif not isinstance(node, str):
+        r.add("spec.nodeName", f"must be a string, got {show(node)}")
+        node = ""
+    labels = _labels(r, obj["metadata"].get("labels"), "metadata.labels")
+    pod = Pod(namespace=namespace, name=name, node=node, ips=tuple(ips),
+              labels=freeze_labels(labels), host_network=host_network,
+              ports=_container_ports(r, spec.get("containers")))
+    return pod, r.problems
+
+
+def _pod_ips(r: _Report, status: dict) -> list[str]:
+    """Valid addresses, canonical text, in the API's order; podIP only when
+    podIPs gives none."""
+    ips: list[str] = []
+    rejected: set = set()
+
+    def add(value: Any, path: str) -> None:
+        if value is None or value == "":
+            r.add(path, "required")
+        elif not isinstance(value, str):
+            r.add(path, f"must be a string, got {show(value)}")
+        elif (ip := _parse_ip(value)) is None:
+            r.add(path, f"invalid IP address {quote(value)}")
+            rejected.add(value)
+        elif str(ip) not in ips:
+            ips.append(str(ip))
+
+    entries = status.get("podIPs")
+    if entries is not None and not isinstance(entries, list):
+        r.add("status.podIPs", f"must be a list, got {show(entries)}")
+        entries = None
+    for i, entry in enumerate(entries or ()):
+        path = f"status.podIPs[{i}]"
+        if isinstance(entry, dict):
+            add(entry.get("ip"), path + ".ip")
+        else:
+            r.add(path, f"must be an object, got {show(entry)}")
+    primary = status.get("podIP")
+    if not ips and primary not in (None, "") and not (isinstance(primary, str) and primary in rejected):
+        add(primary, "status.podIP")
+    return ips
+
+
+def _container_ports(r: _Report, containers: Any) -> tuple[ContainerPort, ...]:
+    """Declared ports of the regular containers (init containers' ports serve
+    no traffic once the pod runs)."""
+    if containers is None:
+        return ()
+    if not isinstance(containers, list):
+        r.add("spec.containers", f"must be a list, got {show(containers)}")
+        return ()
+    ports = []
+    for i, container in enumerate(containers):
+        path = f"spec.containers[{i}]"
+        if not isinstance(container, dict):
+            r.add(path, f"must be an object, got {show(container)}")
+            continue
+        entries = container.get("ports")
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            r.add(path + ".ports", f"must be a list, got {show(entries)}")
+            continue
+        for j, entry in enumerate(entries):
+            port = _container_port(r, entry, f"{path}.ports[{j}]")
+            if port is not None:
+                ports.append(port)
+    return tuple(ports)
+
+
+def _container_port(r: _Report, entry: Any, path: str) -> Optional[ContainerPort]:
+    if not isinstance(entry, dict):
+        r.add(path, f"must be an object, got {show(entry)}")
+        return None
+    start = len(r)
+    number = _port_number(r, entry.get("containerPort"), path + ".containerPort")
+    protocol = _protocol(r, entry.get("protocol"), path + ".protocol")
+    name = entry.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            r.add(path + ".name", f"must be a string, got {show(name)}")
+        elif errors := port_name_errors(name):
+            r.add(path + ".name", f"invalid port name {quote(name)}: " + "; ".join(errors))
+    if len(r) > start:
+        return None
+    return ContainerPort(port=number, protocol=protocol, name=name)
+
+
+# --- network policies -----------------------------------------------------------
+
+def parse_policy(obj: Any) -> tuple[Optional[NetworkPolicy], list[Problem]]:
+    return _parse_policy(obj, UNKNOWN)
+
+
+def _parse_policy(obj: Any, where: str) -> tuple[Optional[NetworkPolicy], list[Problem]]:
+    namespace, name, problems = _identity("NetworkPolicy", obj, where, namespaced=True)
+    if name is None:
+        return None, problems       # no namespace to apply to
+    r = _Report("NetworkPolicy", _object_label(namespace, name))
+    spec = obj.get("spec")
+    if spec is None:
+        r.add("spec", "required (read as {}: every pod of the namespace, all ingress denied)")
+        spec = {}
+    elif not isinstance(spec, dict):
+        r.add("spec", f"must be an object, got {show(spec)} "
+                      "(every pod of the namespace isolated, both directions)")
+        return NetworkPolicy(namespace, name, EVERYTHING, BOTH), r.problems
+
+    unknown = _unknown_fields(r, spec, "spec", SPEC_FIELDS, "every rule of the policy ignored")
+
+    both_types = False
+    pod_selector = EVERYTHING
+    if spec.get("podSelector") is not None:
+        start = len(r)
+        pod_selector = _selector(r, spec["podSelector"], "spec.podSelector")
+        if pod_selector is None:
+            r.annotate_since(start, "policy applied to every pod of the namespace, both directions")
+            pod_selector, both_types = EVERYTHING, True
+
+    ingress, has_ingress = _rules(r, spec.get("ingress"), "spec.ingress", "from")
+    egress, has_egress = _rules(r, spec.get("egress"), "spec.egress", "to")
+
+    raw_types = spec.get("policyTypes")
+    if raw_types is None or raw_types == []:
+        # API server defaulting: Ingress always, Egress when egress rules exist.
+        types = frozenset((INGRESS, EGRESS) if has_egress else (INGRESS,))
+        if unknown:
+            both_types = True
+    else:
+        types = _policy_types(r, raw_types)
+    if unknown:
+        ingress, egress = (), ()
+    if both_types:
+        types = BOTH
+    return NetworkPolicy(namespace=namespace, name=name, pod_selector=pod_selector,
+                         policy_types=types, ingress=ingress, egress=egress), r.problems
+
+
+def _policy_types(r: _Report, value: Any) -> frozenset[str]:
+    """Explicit policyTypes; anything not understood isolates both ways."""
+    note = "policy isolates both directions"
+    if not isinstance(value, list):
+        r.add("spec.policyTypes", f"must be a list, got {show(value)} ({note})")
+        return BOTH
+    start = len(r)
+    if len(value) > 2:
+        r.add("spec.policyTypes", "may not specify more than two policyTypes")
+    for i, item in enumerate(value):
+        if not (isinstance(item, str) and item in (INGRESS, EGRESS)):
+            r.add(f"spec.policyTypes[{i}]",
+                  f'unsupported value {show(item)}: supported values: "Ingress", "Egress"')
+    if len(r) > start:
+        r.annotate_since(start, note)
+        return BOTH
+    return frozenset(value)
+
+
+def _rules(r: _Report, value: Any, path: str, peers_key: str
+           ) -> tuple[tuple[PolicyRule, ...], bool]:
+    """The valid rules of one direction, and whether the direction counts as
+    present for policyTypes defaulting (an unreadable list does: fail closed)."""
+    if value is None:
+        return (), False
+    if not isinstance(value, list):
+        r.add(path, f"must be a list, got {show(value)} (no rule of this direction applies)")
+        return (), True
+    rules = []
+    for i, item in enumerate(value):
+        rule = _rule(r, item, f"{path}[{i}]", peers_key, i)
+        if rule is not None:
+            rules.append(rule)
+    return tuple(rules), bool(value)
+
+
+def _rule(r: _Report, value: Any, path: str, peers_key: str, index: int) -> Optional[PolicyRule]:
+    """One rule, or None (the rule allows nothing) when any part is invalid."""
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    start = len(r)
+    _unknown_fields(r, value, path, (peers_key, "ports"))
+    peers = _entries(r, value.get(peers_key), f"{path}.{peers_key}", _peer)
+    ports = _entries(r, value.get("ports"), f"{path}.ports", _policy_port)
+    if len(r) > start:
+        return None
+    return PolicyRule(peers=peers, ports=ports, index=index)
+
+
+def _entries(r: _Report, value: Any, path: str, parse: Callable) -> Optional[tuple]:
+    """A list of peers or ports; None when absent or empty (meaning "all")."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        r.add(path, f"must be a list, got {show(value)}")
+        return None
+    parsed = [parse(r, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return tuple(parsed) if parsed else None
+
+
+def _peer(r: _Report, value: Any, path: str) -> Optional[Peer]:
+    """Reports every defect of one peer; the result means something only
+    when none was reported (the caller drops the rule otherwise)."""
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    _unknown_fields(r, value, path, PEER_FIELDS)
+    given = [k for k in PEER_FIELDS if value.get(k) is not None]
+    if not given:
+        r.add(path, "must specify a peer: podSelector, namespaceSelector or ipBlock")
+    elif "ipBlock" in given and len(given) > 1:
+        r.add(path, "may not specify both ipBlock and another peer")
+    pod = ns = block = None
+    if "podSelector" in given:
+        pod = _selector(r, value["podSelector"], path + ".podSelector")
+    if "namespaceSelector" in given:
+        ns = _selector(r, value["namespaceSelector"], path + ".namespaceSelector")
+    if "ipBlock" in given:
+        block = _ip_block(r, value["ipBlock"], path + ".ipBlock")
+    return Peer(pod_selector=pod, namespace_selector=ns, ip_block=block)
+
+
+def _policy_port(r: _Report, value: Any, path: str) -> Optional[PolicyPort]:
+    """Like _peer: meaningful only when it reported nothing."""
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    _unknown_fields(r, value, path, PORT_FIELDS)
+    protocol = _protocol(r, value.get("protocol"), path + ".protocol")
+    port, end = value.get("port"), value.get("endPort")
+    if port is None:
+        pass
+    elif _is_int(port):
+        _port_number(r, port, path + ".port")
+    elif isinstance(port, str):
+        if errors := port_name_errors(port):
+            if port.isdigit():
+                errors.append("a port number must be a JSON number, not a string")
+            r.add(path + ".port", f"invalid port name {quote(port)}: " + "; ".join(errors))
+    else:
+        r.add(path + ".port", f"must be a port number or a port name, got {show(port)}")
+    if end is not None:
+        end_path = path + ".endPort"
+        if _port_number(r, end, end_path) is None:
+            pass
+        elif port is None:
+            r.add(end_path, "may not be specified when port is not specified")
+        elif not _is_int(port):
+            r.add(end_path, "may not be specified when port is not a number")
+        elif 1 <= port <= 65535 and end < port:
+            r.add(end_path, f"must be >= port ({port})")
+    return PolicyPort(protocol=protocol or TCP, port=port, end_port=end)
+
+
+def _selector(r: _Report, value: Any, path: str) -> Optional[LabelSelector]:
+    """A label selector in canonical form (sorted, deduplicated), so equal
+    selectors compare equal; None when invalid."""
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object (a label selector), got {show(value)}")
+        return None
+    start = len(r)
+    _unknown_fields(r, value, path, SELECTOR_FIELDS)
+    labels = {}
+    match_labels = value.get("matchLabels")
+    if match_labels is not None:
+        ml_path = path + ".matchLabels"
+        if not isinstance(match_labels, dict):
+            r.add(ml_path, f"must be a map of strings to strings, got {show(match_labels)}")
+        else:
+            for k, v in match_labels.items():
+                if not isinstance(k, str) or not k:
+                    r.add(_key(ml_path, k), "label key must be a non-empty string")
+                elif not isinstance(v, str):
+                    r.add(_key(ml_path, k), f"label value must be a string, got {show(v)}")
+                else:
+                    labels[k] = v
+    requirements = set()
+    expressions = value.get("matchExpressions")
+    if expressions is not None:
+        me_path = path + ".matchExpressions"
+        if not isinstance(expressions, list):
+            r.add(me_path, f"must be a list, got {show(expressions)}")
+        else:
+            for i, item in enumerate(expressions):
+                req = _requirement(r, item, f"{me_path}[{i}]")
+                if req is not None:
+                    requirements.add(req)
+    if len(r) > start:
+        return None
+    ordered = sorted(requirements, key=lambda q: (q.key, q.operator, q.values))
+    return LabelSelector(match_labels=freeze_labels(labels), match_expressions=tuple(ordered))
+
+
+def _requirement(r: _Report, value: Any, path: str) -> Optional[Requirement]:
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    start = len(r)
+    _unknown_fields(r, value, path, REQUIREMENT_FIELDS)
+    key = value.get("key")
+    if not isinstance(key, str) or not key:
+        r.add(path + ".key", _required_string(key))
+    operator = value.get("operator")
+    if operator is None:
+        r.add(path + ".operator", "required")
+        operator = None
+    elif not (isinstance(operator, str) and operator in OPERATORS):
+        r.add(path + ".operator", f"unsupported value {show(operator)}: supported values: "
+              + ", ".join(f'"{o}"' for o in OPERATORS))
+        operator = None
+    values = value.get("values")
+    if values is None:
+        values = []
+    elif not isinstance(values, list):
+        r.add(path + ".values", f"must be a list, got {show(values)}")
+        values = None
+    else:
+        for i, item in enumerate(values):
+            if not isinstance(item, str):
+                r.add(f"{path}.values[{i}]", f"must be a string, got {show(item)}")
+    if operator is not None and values is not None:
+        if operator in ("In", "NotIn") and not values:
+            r.add(path + ".values", f"must be non-empty when operator is {operator}")
+        elif operator in ("Exists", "DoesNotExist") and values:
+            r.add(path + ".values", f"must be empty when operator is {operator}")
+    if len(r) > start:
+        return None
+    return Requirement(key=key, operator=operator, values=tuple(sorted(set(values))))
+
+
+def _ip_block(r: _Report, value: Any, path: str) -> Optional[IPBlock]:
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    start = len(r)
+    _unknown_fields(r, value, path, IPBLOCK_FIELDS)
+    cidr = value.get("cidr")
+    network = None
+    if not isinstance(cidr, str) or not cidr:
+        r.add(path + ".cidr", _required_string(cidr))
+    elif (network := _parse_cidr(cidr)) is None:
+        r.add(path + ".cidr", f"invalid CIDR {quote(cidr)}")
+    excepts = value.get("except")
+    if excepts is None:
+        excepts = []
+    elif not isinstance(excepts, list):
+        r.add(path + ".except", f"must be a list, got {show(excepts)}")
+        excepts = []
+    inside = set()
+    for i, text in enumerate(excepts):
+        e_path = f"{path}.except[{i}]"
+        if not isinstance(text, str):
+            r.add(e_path, f"must be a string, got {show(text)}")
+        elif (sub := _parse_cidr(text)) is None:
+            r.add(e_path, f"invalid CIDR {quote(text)}")
+        elif network is None:
+            continue
+        elif (sub.version != network.version or sub.prefixlen <= network.prefixlen
+              or not sub.subnet_of(network)):
+            r.add(e_path, f"must be a strict subset of cidr {network}, got {quote(text)}")
+        else:
+            inside.add(sub)
+    if len(r) > start:
+        return None
+    return IPBlock(cidr=str(network), excepts=tuple(str(n) for n in sorted(inside)))
+
+
+# --- the whole cluster ---------------------------------------------------------
+
+def parse_cluster(namespaces: list, pods: list, policies: list) -> Cluster:
+    """Every usable object, sorted by namespace/name; problems in input order."""
+    problems: list[Problem] = []
+    found_ns = _parse_all("Namespace", "namespaces", namespaces, _parse_namespace, problems)
+    found_pods = _parse_all("Pod", "pods", pods, _parse_pod, problems)
+    found_pols = _parse_all("NetworkPolicy", "policies", policies, _parse_policy, problems)
+    return Cluster(
+        namespaces=tuple(sorted(found_ns, key=lambda n: n.name)),
+        pods=tuple(sorted(found_pods, key=lambda p: (p.namespace, p.name))),
+        policies=tuple(sorted(found_pols, key=lambda p: (p.namespace, p.name))),
+        problems=tuple(problems),
+    )
+
+
+def _parse_all(kind: str, label: str, items: Any, parse: Callable, problems: list) -> list:
+    """Parse one list; a second object with the same identity is ignored (a
+    list response never holds one, and downstream names derive from it)."""
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        problems.append(Problem(kind, label, ROOT, f"must be a list, got {show(items)}"))
+        return []
+    found, seen = [], set()
+    for i, item in enumerate(items):
+        value, item_problems = parse(item, f"{label}[{i}]")
+        problems.extend(item_problems)
+        if value is None:
+            continue
+        identity = (getattr(value, "namespace", None), value.name)
+        if identity in seen:
+            problems.append(Problem(kind, _object_label(*identity), "metadata.name",
+                                    f"duplicate object ({label}[{i}]) ignored"))
+            continue
+        seen.add(identity)
+        found.append(value)
+    return found

@@ -1,0 +1,592 @@
+"""Access to the Kubernetes API: where it is and how to authenticate (flag,
+kubeconfig, in-cluster), and complete paginated lists with timeouts and
+verified TLS.
+
+A cycle must act on a whole, consistent list or not at all, so every failure
+(HTTP status, timeout, TLS, a body that is not a List, a page failing half
+way) raises ApiError and no partial list ever leaves this module. Objects are
+returned as the API sent them; lib/objects.py interprets them.
+
+TLS is verified against the configured CA, or else against the system trust
+store as OpenSSL finds it (SSL_CERT_FILE / SSL_CERT_DIR can point it
+elsewhere, as for kubectl); only a kubeconfig's insecure-skip-tls-verify turns
+verification off. The HTTP session ignores the environment (`trust_env =
+False`) so that REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE cannot silently replace
+the CA the configuration names. As a consequence HTTP(S)_PROXY and NO_PROXY
+are not used either: the API server is reached directly.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import binascii
+import json
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+import requests
+import yaml
+from urllib3.exceptions import InsecureRequestWarning
+
+log = logging.getLogger(__name__)
+
+NAMESPACES = "/api/v1/namespaces"
+PODS = "/api/v1/pods"
+NETWORK_POLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
+
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+MAX_LIST_RESTARTS = 3           # after a 410 Gone on a continue token
+USER_AGENT = "kube-policy-manager"
+
+
+class ApiError(Exception):
+    """The API could not be configured or did not give a complete, valid answer.
+
+    The message names the resource path and the cause; it never holds a token.
+    `path`, `page` and `status` are set when they apply.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None,
+                 page: Optional[int] = None, status: Optional[int] = None):
+        super().__init__(message)
+        self.path = path
+        self.page = page
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Where the API server is and how to authenticate to it.
+
+    Paths only, except `token` (an inline kubeconfig token), which repr hides.
+    `token_file` is re-read whenever it changes.
+    """
+    server: str                          # base URL, http or https, without trailing "/"
+    token_file: Optional[str] = None
+    token: Optional[str] = None
+    ca_file: Optional[str] = None        # None: the system trust store
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
+    verify: bool = True                  # False only from kubeconfig insecure-skip-tls-verify
+    source: str = "flag"                 # "flag", "kubeconfig <path>", "in-cluster"
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "token" and value is not None:
+                shown.append("token='<redacted>'")
+            else:
+                shown.append(f"{f.name}={value!r}")
+        return f"ApiConfig({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    @property
+    def auth(self) -> str:
+        """How requests authenticate, for logs: "token", "token-file",
+        "client-certificate", "token+client-certificate" or "none"."""
+        kind = "token" if self.token else "token-file" if self.token_file else ""
+        if self.client_cert:
+            kind = f"{kind}+client-certificate" if kind else "client-certificate"
+        return kind or "none"
+
+
+@dataclass(frozen=True)
+class ClusterObjects:
+    """One complete read of the objects a cycle needs, with the API load it cost."""
+    namespaces: list
+    pods: list
+    policies: list
+    requests: int                        # HTTP requests made, failed ones included
+    bytes: int                           # response body bytes as transferred
+
+
+# -- configuration -------------------------------------------------------------
+
+_private_lock = threading.Lock()
+_private_dir: Optional[str] = None
+
+
+def _private_file(data: bytes, suffix: str) -> str:
+    """Write kubeconfig -data content where only this user can read it; removed at exit."""
+    global _private_dir
+    with _private_lock:
+        if _private_dir is None:
+            _private_dir = tempfile.mkdtemp(prefix="kpm-kubeconfig-")   # mode 0700
+            atexit.register(shutil.rmtree, _private_dir, True)
+        fd, path = tempfile.mkstemp(dir=_private_dir, suffix=suffix)   # mode 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _check_readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ApiError(f"{what}: {path}: {exc.strerror or exc}") from None
+
+
+def _check_server(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(f"{what}: {url!r}: must be an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ApiError(f"{what}: {url!r}: must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def load_config(api_server: Optional[str] = None, kubeconfig: Optional[str] = None,
+                token_file: Optional[str] = None, ca_file: Optional[str] = None,
+                environ: Mapping[str, str] = os.environ,
+                serviceaccount_dir: str = SERVICEACCOUNT_DIR) -> ApiConfig:
+    """The API configuration from the first source that applies: `api_server`
+    (the --api-server flag), then `kubeconfig` or $KUBECONFIG, then the
+    in-cluster service account.
+
+    `token_file` and `ca_file` (the --token-file and --ca-file flags) go with
+    `api_server`; given with another source they replace its token and CA.
+    """
+    if token_file:
+        _check_readable(token_file, "--token-file")
+    if ca_file:
+        _check_readable(ca_file, "--ca-file")
+
+    if api_server:
+        config = ApiConfig(server=_check_server(api_server, "--api-server"),
+                           token_file=token_file, ca_file=ca_file, source="flag")
+        return config
+
+    tried = ["--api-server (not given)"]
+    path = kubeconfig
+    if not path:
+        listed = [p for p in environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+        if listed:
+            path = next((p for p in listed if os.path.exists(p)), None)
+            if path is None:
+                raise ApiError(f"$KUBECONFIG: none of its files exists: {', '.join(listed)}")
+        tried += ["--kubeconfig (not given)", "$KUBECONFIG (unset)"]
+    if path:
+        config = _from_kubeconfig(path)
+    else:
+        config = _in_cluster(environ, serviceaccount_dir)
+        if config is None:
+            tried.append("in-cluster (KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT not both set)")
+            raise ApiError("no API server configured; tried: " + ", ".join(tried))
+
+    if token_file or ca_file:
+        config = ApiConfig(server=config.server,
+                           token_file=token_file or (None if config.token else config.token_file),
+                           token=None if token_file else config.token,
+                           ca_file=ca_file or config.ca_file,
+                           client_cert=config.client_cert, client_key=config.client_key,
+                           verify=True if ca_file else config.verify, source=config.source)
+    return config
+
+
+def _in_cluster(environ: Mapping[str, str], serviceaccount_dir: str) -> Optional[ApiConfig]:
+    host = environ.get("KUBERNETES_SERVICE_HOST", "")
+    port = environ.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        return None
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    token_path = os.path.join(serviceaccount_dir, "token")
+    _check_readable(token_path, "in-cluster service account token")
+    ca_path = os.path.join(serviceaccount_dir, "ca.crt")
+    if not os.path.exists(ca_path):
+        log.warning("in-cluster: %s is missing; verifying the API server against the system "
+                    "trust store", ca_path)
+        ca_path = None
+    return ApiConfig(server=_check_server(f"https://{host}:{port}", "in-cluster"),
+                     token_file=token_path, ca_file=ca_path, source="in-cluster")
+
+
+def _named(doc: dict, section: str, name: str, where: str) -> dict:
+    entries = doc.get(section) or []
+    if not isinstance(entries, list):
+        raise ApiError(f"{where}: {section}: must be a list")
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            body = entry.get(section[:-1])       # clusters -> cluster, users -> user, ...
+            if body is None:
+                return {}
+            if not isinstance(body, dict):
+                raise ApiError(f"{where}: {section[:-1]} {name}: must be a mapping")
+            return body
+    raise ApiError(f"{where}: {section[:-1]} {name!r}: not found")
+
+
+def _data_file(value, what: str, suffix: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(f"{what}: must be a base64 string")
+    try:
+        data = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(f"{what}: not valid base64") from None
+    return _private_file(data, suffix)
+
+
+def _from_kubeconfig(path: str) -> ApiConfig:
+    """The current context of one kubeconfig file. As in kubectl, a `-data`
+    field wins over its path form, an inline token over tokenFile, and
+    relative paths are relative to the file's folder."""
+    where = f"kubeconfig {path}"
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise ApiError(f"{where}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ApiError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(f"{where}: not a kubeconfig (top level must be a mapping)")
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p):
+        return p if os.path.isabs(p) else os.path.join(folder, p)
+
+    context_name = doc.get("current-context")
+    if not context_name:
+        raise ApiError(f"{where}: current-context: not set")
+    context = _named(doc, "contexts", context_name, where)
+    cluster_name = context.get("cluster")
+    if not cluster_name:
+        raise ApiError(f"{where}: context {context_name}: cluster: not set")
+    cluster = _named(doc, "clusters", cluster_name, where)
+    cwhere = f"{where}: cluster {cluster_name}"
+    server = cluster.get("server")
+    if not isinstance(server, str) or not server:
+        raise ApiError(f"{cwhere}: server: not set")
+    server = _check_server(server, f"{cwhere}: server")
+
+    ca_file = None
+    if cluster.get("certificate-authority-data"):
+        ca_file = _data_file(cluster["certificate-authority-data"],
+                             f"{cwhere}: certificate-authority-data", "-ca.crt")
+    elif cluster.get("certificate-authority"):
+        ca_file = resolve(cluster["certificate-authority"])
+        _check_readable(ca_file, f"{cwhere}: certificate-authority")
+    verify = True
+    if cluster.get("insecure-skip-tls-verify") is True:
+        if ca_file:
+            raise ApiError(f"{cwhere}: insecure-skip-tls-verify and a certificate authority "
+                           "are both set; keep one")
+        verify = False
+        log.warning("%s: insecure-skip-tls-verify is set: the API server's certificate is "
+                    "NOT verified", cwhere)
+
+    user = {}
+    user_name = context.get("user")
+    if user_name:
+        user = _named(doc, "users", user_name, where)
+    uwhere = f"{where}: user {user_name}"
+    for unsupported in ("exec", "auth-provider"):
+        if user.get(unsupported):
+            raise ApiError(f"{uwhere}: {unsupported}: not supported; use token, tokenFile or "
+                           "client-certificate/client-key")
+    if user.get("username") or user.get("password"):
+        raise ApiError(f"{uwhere}: username/password: not supported; use token, tokenFile or "
+                       "client-certificate/client-key")
+
+    token = user.get("token") or None
+    if token is not None and not isinstance(token, str):
+        raise ApiError(f"{uwhere}: token: must be a string")
+    token_file = None
+    if not token and user.get("tokenFile"):
+        token_file = resolve(user["tokenFile"])
+        _check_readable(token_file, f"{uwhere}: tokenFile")
+
+    client_cert = client_key = None
+    if user.get("client-certificate-data"):
+        client_cert = _data_file(user["client-certificate-data"],
+                                 f"{uwhere}: client-certificate-data", "-client.crt")
+    elif user.get("client-certificate"):
+        client_cert = resolve(user["client-certificate"])
+        _check_readable(client_cert, f"{uwhere}: client-certificate")
+    if user.get("client-key-data"):
+        client_key = _data_file(user["client-key-data"], f"{uwhere}: client-key-data", "-client.key")
+    elif user.get("client-key"):
+        client_key = resolve(user["client-key"])
+        _check_readable(client_key, f"{uwhere}: client-key")
+    if bool(client_cert) != bool(client_key):
+        raise ApiError(f"{uwhere}: client-certificate and client-key must be given together")
+
+    return ApiConfig(server=server, token_file=token_file, token=token, ca_file=ca_file,
+                     client_cert=client_cert, client_key=client_key, verify=verify,
+                     source=f"kubeconfig {path}")
+
+
+# -- requests ------------------------------------------------------------------
+
+def _system_trust_store():
+    """The system CA bundle, so that verification without a CA file trusts what
+    the host trusts (requests alone would use its own bundled list)."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    for candidate in (paths.capath, paths.openssl_capath):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    return True
+
+
+class _TokenFile:
+    """A bearer token read from a file and re-read when the file changes:
+    kubelet rotates bound service-account tokens by swapping the file.
+
+    A stat() per request is the whole cost while nothing changes. If the file
+    becomes unreadable or empty (a writer half way), the last good token is kept.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._signature = None
+        self._token: Optional[str] = None
+        self._complained = False
+
+    def get(self) -> str:
+        try:
+            st = os.stat(self.path)
+            signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if signature != self._signature:
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    token = f.read().strip()
+                if not token:
+                    raise OSError("the file is empty")
+                if self._token is not None and token != self._token:
+                    log.info("token file %s changed; using the new token", self.path)
+                self._token, self._signature, self._complained = token, signature, False
+        except OSError as exc:
+            cause = exc.strerror or str(exc)
+            if self._token is None:
+                raise ApiError(f"token file {self.path}: {cause}") from None
+            if not self._complained:
+                log.warning("token file %s: %s; keeping the last token read", self.path, cause)
+                self._complained = True
+        return self._token
+
+
+class _Expired(Exception):
+    def __init__(self, page: int):
+        super().__init__(page)
+        self.page = page
+
+
+_STATUS_HINTS = {
+    401: "the token or client certificate was not accepted (missing, wrong or expired)",
+    403: "forbidden: RBAC must allow list on this resource",
+}
+
+
+class ApiClient:
+    """Complete, paginated lists from one API server, over one HTTP session.
+
+    `timeout` is (connect, read) in seconds for every request; `page_size` is
+    the `limit` of each page. `request_count` and `byte_count` add up the load
+    put on the API server over the client's life.
+    """
+
+    def __init__(self, config: ApiConfig, timeout=(3.05, 10.0), page_size: int = 500):
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        self.config = config
+        self.timeout = timeout
+        self.page_size = page_size
+        self.request_count = 0
+        self.byte_count = 0
+        self._base = config.server.rstrip("/")
+        self._token_file = _TokenFile(config.token_file) if config.token_file and not config.token else None
+        session = requests.Session()
+        session.trust_env = False
+        if not config.verify:
+            session.verify = False
+        elif config.ca_file:
+            session.verify = config.ca_file
+        else:
+            session.verify = _system_trust_store()
+        if config.client_cert:
+            session.cert = (config.client_cert, config.client_key)
+        session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
+        self._session = session
+        if self._base.startswith("http://") and config.auth.startswith("token"):
+            log.warning("API server %s is plain http: the bearer token is sent unencrypted", self._base)
+
+    def __repr__(self) -> str:
+        return f"ApiClient(server={self._base!r}, source={self.config.source!r}, auth={self.config.auth!r})"
+
+    def __enter__(self) -> "ApiClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def list_cluster(self) -> ClusterObjects:
+        """Namespaces, Pods and NetworkPolicies, each list complete, or ApiError."""
+        requests_before, bytes_before = self.request_count, self.byte_count
+        namespaces = self.list(NAMESPACES)
+        pods = self.list(PODS)
+        policies = self.list(NETWORK_POLICIES)
+        return ClusterObjects(namespaces, pods, policies,
+                              requests=self.request_count - requests_before,
+                              bytes=self.byte_count - bytes_before)
+
+    def list(self, path: str) -> list[dict]:
+        """Every item of the List at `path`, following continue tokens.
+
+        The first page asks for resourceVersion=0 so that the API server may
+        answer from its watch cache instead of etcd. An expired continue token
+        (410) restarts the whole list, at most MAX_LIST_RESTARTS times.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path {path!r} must start with '/'")
+        restarts = 0
+        while True:
+            try:
+                return self._list_once(path)
+            except _Expired as expired:
+                if restarts == MAX_LIST_RESTARTS:
+                    raise ApiError(
+                        f"GET {path} page {expired.page}: HTTP 410 Gone: continue token expired "
+                        f"again after {restarts} restarts of the list; giving up",
+                        path=path, page=expired.page, status=410) from None
+                restarts += 1
+                log.info("GET %s page %d: continue token expired (410 Gone); restarting the "
+                         "list (%d of %d)", path, expired.page, restarts, MAX_LIST_RESTARTS)
+
+    def _list_once(self, path: str) -> list[dict]:
+        items: list[dict] = []
+        params = {"limit": str(self.page_size), "resourceVersion": "0"}
+        page = 1
+        while True:
+            body = self._get_page(path, params, page)
+            metadata = body.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise self._error(path, page, "not a List: metadata is not an object")
+            token = metadata.get("continue") or ""
+            if not isinstance(token, str):
+                raise self._error(path, page, "not a List: metadata.continue is not a string")
+            items.extend(body["items"])
+            if not token:
+                return items
+            if token == params.get("continue"):
+                raise self._error(path, page, "metadata.continue did not change from the previous page")
+            page += 1
+            params = {"limit": str(self.page_size), "continue": token}
+
+    def _error(self, path: str, page: int, cause: str, status: Optional[int] = None) -> ApiError:
+        message = f"GET {path} page {page}: {cause}"
+        token = self.config.token or (self._token_file._token if self._token_file else None)
+        if token and len(token) >= 8:
+            message = message.replace(token, "<redacted>")
+        return ApiError(message, path=path, page=page, status=status)
+
+    def _get_page(self, path: str, params: dict, page: int) -> dict:
+        headers = {}
+        try:
+            token = self.config.token or (self._token_file.get() if self._token_file else None)
+        except ApiError as exc:
+            raise self._error(path, page, str(exc)) from None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        started = time.monotonic()
+        self.request_count += 1
+        try:
+            with warnings.catch_warnings():
+                if not self.config.verify:
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                response = self._session.get(self._base + path, params=params, headers=headers,
+                                             timeout=self.timeout, allow_redirects=False)
+        except requests.exceptions.ConnectTimeout:
+            raise self._error(path, page, f"connect timed out ({self._connect_timeout()} s)") from None
+        except requests.exceptions.ReadTimeout:
+            raise self._error(path, page, f"no response within the read timeout "
+                                          f"({self._read_timeout()} s)") from None
+        except requests.exceptions.SSLError as exc:
+            raise self._error(path, page, f"TLS error: {_innermost(exc)}") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise self._error(path, page, f"connection failed: {_innermost(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise self._error(path, page, f"request failed: {_innermost(exc)}") from None
+        except OSError as exc:          # e.g. a CA or client certificate file that vanished
+            raise self._error(path, page, f"request failed: {exc}") from None
+
+        try:
+            transferred = response.raw.tell() or len(response.content)
+        except (AttributeError, OSError):
+            transferred = len(response.content)
+        self.byte_count += transferred
+        status = response.status_code
+        log.debug("GET %s page %d: HTTP %d, %d bytes, %.3f s", path, page, status, transferred,
+                  time.monotonic() - started)
+
+        if status == 410 and "continue" in params:
+            raise _Expired(page)
+        if status != 200:
+            cause = f"HTTP {status} {response.reason or ''}".rstrip()
+            detail = _status_message(response.content) or _STATUS_HINTS.get(status, "")
+            if detail:
+                cause += f": {detail}"
+            raise self._error(path, page, cause, status=status)
+        try:
+            body = json.loads(response.content)
+        except ValueError as exc:
+            raise self._error(path, page, f"response is not JSON ({exc})", status=status) from None
+        if not isinstance(body, dict):
+            raise self._error(path, page, f"not a List: the body is a JSON {type(body).__name__}",
+                              status=status)
+        items = body.get("items")
+        if not isinstance(items, list):
+            what = "missing" if items is None else f"a JSON {type(items).__name__}"
+            raise self._error(path, page, f"not a List: items is {what}", status=status)
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self._error(path, page, f"not a List: items[{i}] is not an object", status=status)
+        return body
+
+    def _connect_timeout(self):
+        return self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
+
+    def _read_timeout(self):
+        return self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+
+
+def _status_message(content: bytes) -> str:
+    """The message of a Kubernetes Status body, shortened, or ""."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return ""
+    if isinstance(body, dict) and body.get("kind") == "Status" and isinstance(body.get("message"), str):
+        message = body["message"]
+        return message if len(message) <= 300 else message[:300] + "..."
+    return ""
+
+
+def _innermost(exc: BaseException) -> str:
+    """The most specific cause of a requests exception, without the pool's wrapping."""
+    cause: BaseException = exc
+    while True:
+        inner = getattr(cause, "reason", None)
+        if not isinstance(inner, BaseException) and cause.args and isinstance(cause.args[0], BaseException):
+            inner = cause.args[0]
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    text = str(cause) or type(cause).__name__
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := iptables ipset conntrack iproute2
 CASES ?= tests/cases
 
-.PHONY: demo test unit lab bench deps venv clean
+.PHONY: demo test unit lab bench deps venv scanners clean
 
 # System packages the dataplane and the lab need, installed only when missing.
 deps:
@@ -25,12 +25,21 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# Manifest and Dockerfile scanners (checkov, kubernetes-validate, hadolint) live apart:
+# their dependencies must not constrain the program's.
+.venv-scan/.installed: requirements-scan.txt
+	$(PYTHON) -m venv .venv-scan
+	.venv-scan/bin/pip install -q --disable-pip-version-check -r requirements-scan.txt
+	touch $@
+
 venv: $(VENV)/.installed
+
+scanners: .venv-scan/.installed
 
 demo: deps venv
 	$(PY) -m tests.lab demo
 
-test: deps venv
+test: deps venv scanners
 	$(PY) -m pytest tests
 
 unit: venv
@@ -40,4 +49,4 @@ lab: deps venv
 	$(PY) -m tests.lab run $(CASES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-scan .pytest_cache

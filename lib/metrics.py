@@ -2,6 +2,7 @@
 server: /metrics, /healthz (a recent successful cycle), /readyz (one success)."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,6 +93,24 @@ class Metrics:
         return 200, "ok\n"
 
 
+class _DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        # One socket for IPv4 and IPv6, so probes reach us on single- and dual-stack nodes.
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _bind(address: str, port: int, handler) -> ThreadingHTTPServer:
+    if address in ("", "::"):
+        try:
+            return _DualStackServer(("::", port), handler)
+        except OSError:          # no IPv6 on this node
+            pass
+    return ThreadingHTTPServer((address, port), handler)
+
+
 def serve(metrics: Metrics, port: int, address: str = "") -> ThreadingHTTPServer:
     """Start the HTTP server in a daemon thread; the caller shuts it down."""
 
@@ -114,7 +133,7 @@ def serve(metrics: Metrics, port: int, address: str = "") -> ThreadingHTTPServer
         def log_message(self, *args):  # scrapes every few seconds: not worth a log line
             pass
 
-    server = ThreadingHTTPServer((address, port), Handler)
+    server = _bind(address, port, Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from lib import compile as compiler
-from lib import logs, objects, plan as planner
+from lib import conntrack, logs, objects, plan as planner
 from lib.model import Cluster, Problem
 from lib.plan import Plan
 from lib.ruleset import DesiredState, FamilyState
@@ -93,7 +93,8 @@ class ProblemLog:
 
 
 def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
-              problem_log: Optional[ProblemLog] = None) -> CycleReport:
+              problem_log: Optional[ProblemLog] = None,
+              conntrack_cleanup: bool = True) -> CycleReport:
     """Run the pipeline once. `fetch()` returns lib.kubeapi.ClusterObjects."""
     seconds: dict[str, float] = {}
     state: dict[str, object] = {}
@@ -125,6 +126,8 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
         stats = None
         if not dry_run and not the_plan.empty:
             stats = stage("apply", lambda: kernel.apply(the_plan))
+            if conntrack_cleanup:
+                _cut_refused_connections(kernel, cluster, node, seconds)
     except StageError as err:
         report = _report(False, seconds, state, node, failed_stage=err.stage, error=str(err.cause))
         logs.get().error(f"cycle failed in {err.stage}: {err.cause}",
@@ -134,6 +137,19 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
     report = _report(True, seconds, state, node, applied=stats is not None, stats=stats)
     _log_cycle(report, dry_run)
     return report
+
+
+def _cut_refused_connections(kernel, cluster, node, seconds) -> None:
+    """After an apply, connections the new rules refuse must not live on through
+    conntrack. Never fails the cycle: the rules are already in force."""
+    ct = conntrack.cleanup(kernel, cluster, node)
+    seconds["conntrack"] = ct.seconds
+    fields = {"event": "conntrack-cleanup", **ct.log_fields()}
+    if ct.ok:
+        logs.get().info("conntrack cleanup", extra=fields)
+    else:
+        logs.get().warning("conntrack cleanup incomplete",
+                           extra={**fields, "errors": list(ct.errors)})
 
 
 def _report(ok, seconds, state, node, **kw) -> CycleReport:

@@ -1,0 +1,362 @@
+"""Turn the cluster's NetworkPolicies into the filter state of one node.
+
+The layout (top chains, one chain per isolated local pod, peer sets) is the
+one of docs/design.md. Peer sets are named by their content so that editing
+a policy never changes the members of a set an older rule still uses.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Optional, Union
+
+from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule, Problem
+from lib.ruleset import (HASH_IP_PORT, HASH_NET, PREFIX, Chain, DesiredState, FamilyState, Hook,
+                         IpSet, Rule, short_hash)
+from lib.selectors import ClusterIndex
+
+FORWARD_CHAIN = PREFIX + "FORWARD"
+INPUT_CHAIN = PREFIX + "INPUT"
+INGRESS_CHAIN_PREFIX = PREFIX + "I-"
+EGRESS_CHAIN_PREFIX = PREFIX + "E-"
+ND_TYPES = (133, 134, 135, 136, 137)   # router/neighbour solicitation and advertisement, redirect
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+_DIRECTION = {INGRESS: "ingress", EGRESS: "egress"}
+_SET_SIDE = {INGRESS: "src", EGRESS: "dst"}
+_HOST_LEN = {4: 32, 6: 128}
+_UNREACHABLE = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
+
+
+def pod_chain_name(pod: Pod, direction: str) -> str:
+    """Stable per pod, so a policy change rewrites only the chains of the pods it selects."""
+    prefix = INGRESS_CHAIN_PREFIX if direction == INGRESS else EGRESS_CHAIN_PREFIX
+    return prefix + short_hash(pod.key)
+
+
+def net_set_name(namespace: str, peers: tuple[Peer, ...], family: int) -> str:
+    return f"{PREFIX}N{family}-" + short_hash(namespace, repr(peers), str(family))
+
+
+def port_set_name(namespace: str, peers: Optional[tuple[Peer, ...]], family: int,
+                  protocol: str, port_name: str) -> str:
+    return f"{PREFIX}P{family}-" + short_hash(namespace, repr(peers), str(family),
+                                               protocol, port_name)
+
+
+def set_member(net: Network) -> list[str]:
+    """Members as `ipset save` prints them: host routes bare, a /0 as its two halves."""
+    if net.prefixlen == 0:
+        return [h.with_prefixlen for h in net.subnets()]
+    if net.prefixlen == net.max_prefixlen:
+        return [str(net.network_address)]
+    return [net.with_prefixlen]
+
+
+def block_networks(cidr: str, excepts: Iterable[str], family: int) -> list[Network]:
+    """cidr minus its excepts, collapsed; empty when cidr is of the other family."""
+    whole = ipaddress.ip_network(cidr, strict=False)
+    if whole.version != family:
+        return []
+    parts = [whole]
+    for text in excepts:
+        hole = ipaddress.ip_network(text, strict=False)
+        if hole.version != family:
+            continue
+        kept: list[Network] = []
+        for part in parts:
+            if hole.supernet_of(part):
+                continue
+            if part.supernet_of(hole):
+                kept.extend(part.address_exclude(hole))
+            else:
+                kept.append(part)
+        parts = kept
+    return list(ipaddress.collapse_addresses(parts))
+
+
+def _parse_ips(pod: Pod) -> dict[int, tuple[tuple[Address, ...], tuple[str, ...]]]:
+    """Family -> (addresses, their canonical text)."""
+    found: dict[int, list[Address]] = {4: [], 6: []}
+    for text in pod.ips:
+        try:
+            addr = (ipaddress.IPv6Address(text) if ":" in text else ipaddress.IPv4Address(text))
+        except ValueError:
+            continue        # objects.py reports malformed addresses
+        found[addr.version].append(addr)
+    return {f: (tuple(addrs), tuple(str(a) for a in addrs)) for f, addrs in found.items()}
+
+
+class _Compiler:
+    """One node's compilation: memo tables shared by every pod of the node."""
+
+    def __init__(self, index: ClusterIndex):
+        self.index = index
+        self.sets: dict[str, IpSet] = {}
+        self._ips: dict[int, dict] = {}            # id(pod) -> _parse_ips(pod); the index keeps pods alive
+        self._rules_memo: dict[tuple, list[Rule]] = {}
+        self._block_memo: dict[tuple[tuple[Peer, ...], int], list[Network]] = {}
+        self._net_name_memo: dict[tuple[str, tuple[Peer, ...], int], str] = {}
+        self._declared: Optional[dict[tuple[str, str], list[tuple[Pod, int]]]] = None
+
+    # addresses and sets ------------------------------------------------
+
+    def _pod_ips(self, pod: Pod) -> dict:
+        hit = self._ips.get(id(pod))
+        if hit is None:
+            hit = self._ips[id(pod)] = _parse_ips(pod)
+        return hit
+
+    def addresses(self, pod: Pod, family: int) -> tuple[Address, ...]:
+        return self._pod_ips(pod)[family][0]
+
+    def address_texts(self, pod: Pod, family: int) -> tuple[str, ...]:
+        return self._pod_ips(pod)[family][1]
+
+    def blocks(self, peers: tuple[Peer, ...], family: int) -> list[Network]:
+        key = (peers, family)
+        hit = self._block_memo.get(key)
+        if hit is None:
+            nets: list[Network] = []
+            for peer in peers:
+                if peer.ip_block is not None:
+                    nets.extend(block_networks(peer.ip_block.cidr, peer.ip_block.excepts, family))
+            hit = self._block_memo[key] = list(ipaddress.collapse_addresses(nets))
+        return hit
+
+    def net_set(self, namespace: str, peers: tuple[Peer, ...], family: int) -> str:
+        key = (namespace, peers, family)
+        name = self._net_name_memo.get(key)
+        if name is not None:
+            return name
+        name = self._net_name_memo[key] = net_set_name(namespace, peers, family)
+        if name in self.sets:
+            return name
+        nets = self.blocks(peers, family)
+        members = {m for net in nets for m in set_member(net)}
+        for pod in self.index.peers_pods(namespace, peers):
+            if nets:
+                members.update(str(a) for a in self.addresses(pod, family)
+                               if not any(a in net for net in nets))
+            else:
+                members.update(self.address_texts(pod, family))
+        self.sets[name] = IpSet(name, HASH_NET, family, frozenset(members))
+        return name
+
+    def declared(self, port_name: str, protocol: str) -> list[tuple[Pod, int]]:
+        """Non-host-network pods declaring a container port of that name and protocol."""
+        if self._declared is None:
+            table: dict[tuple[str, str], list[tuple[Pod, int]]] = {}
+            for pod in self.index.pods:
+                for cp in pod.ports:
+                    if cp.name:
+                        table.setdefault((cp.name, cp.protocol), []).append((pod, cp.port))
+            self._declared = table
+        return self._declared.get((port_name, protocol), [])
+
+    def port_set(self, namespace: str, peers: Optional[tuple[Peer, ...]], family: int,
+                 protocol: str, port_name: str) -> str:
+        name = port_set_name(namespace, peers, family, protocol, port_name)
+        if name in self.sets:
+            return name
+        proto = protocol.lower()
+        members = set()
+
+        def add(pod: Pod, number: int, texts: Iterable[str]) -> None:
+            members.update(f"{text},{proto}:{number}" for text in texts)
+
+        if peers is None:
+            for pod, number in self.declared(port_name, protocol):
+                add(pod, number, self.address_texts(pod, family))
+        else:
+            selected = self.index.peers_pods(namespace, peers)
+            for pod in selected:
+                for cp in pod.ports:
+                    if cp.name == port_name and cp.protocol == protocol:
+                        add(pod, cp.port, self.address_texts(pod, family))
+            nets = self.blocks(peers, family)
+            if nets:
+                # an ipBlock reaches pods by address, selected or not
+                for pod, number in self.declared(port_name, protocol):
+                    add(pod, number, (str(a) for a in self.addresses(pod, family)
+                                      if any(a in net for net in nets)))
+        self.sets[name] = IpSet(name, HASH_IP_PORT, family, frozenset(members))
+        return name
+
+    # chains -------------------------------------------------------------
+
+    def policy_rules(self, policy: NetworkPolicy, direction: str, pod: Pod,
+                     family: int) -> list[Rule]:
+        rules = policy.ingress if direction == INGRESS else policy.egress
+        # Every pod a policy selects gets the same rules, except where an
+        # ingress named port resolves against the pod's own ports.
+        own_ports = direction == INGRESS and any(
+            isinstance(p.port, str) for r in rules for p in (r.ports or ()))
+        key = (id(policy), direction, family, pod.ports if own_ports else None)
+        hit = self._rules_memo.get(key)
+        if hit is None:
+            hit = []
+            for rule in sorted(rules, key=lambda r: r.index):
+                hit.extend(self.rule_entries(policy, direction, rule, pod, family))
+            self._rules_memo[key] = hit
+        return hit
+
+    def rule_entries(self, policy: NetworkPolicy, direction: str, rule: PolicyRule,
+                     pod: Pod, family: int) -> list[Rule]:
+        text = f"{policy.key} {_DIRECTION[direction]}[{rule.index}]"
+        peer_match: tuple[str, ...] = ()
+        if rule.peers is not None:
+            peer_match = ("-m", "set", "--match-set",
+                          self.net_set(policy.namespace, rule.peers, family), _SET_SIDE[direction])
+        if rule.ports is None:
+            return [Rule(peer_match + ("-j", "RETURN"), text)]
+        out = []
+        for i, port in enumerate(rule.ports):
+            port_text = f"{text} ports[{i}]"
+            if isinstance(port.port, str) and direction == EGRESS:
+                pset = self.port_set(policy.namespace, rule.peers, family, port.protocol, port.port)
+                out.append(Rule(("-m", "set", "--match-set", pset, "dst,dst",
+                                 "-p", port.protocol.lower(), "-j", "RETURN"), port_text))
+                continue
+            match = _port_match(port, pod)
+            if match is not None:
+                out.append(Rule(peer_match + match + ("-j", "RETURN"), port_text))
+        return out
+
+    def pod_chain(self, pod: Pod, direction: str, policies: list[NetworkPolicy],
+                  family: int) -> Chain:
+        rules: list[Rule] = []
+        for policy in policies:
+            rules.extend(self.policy_rules(policy, direction, pod, family))
+        rules.append(Rule(("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"),
+                          f"{pod.key} reject"))
+        rules.append(Rule(("-j", "REJECT", "--reject-with", _UNREACHABLE[family]),
+                          f"{pod.key} reject"))
+        return Chain(pod_chain_name(pod, direction), tuple(rules))
+
+
+def _port_match(port: PolicyPort, pod: Pod) -> Optional[tuple[str, ...]]:
+    """`-p proto [--dport N[:E]]`; None when the entry can match nothing
+    (a named port the pod does not declare)."""
+    proto = port.protocol.lower()
+    if port.port is None:
+        return ("-p", proto)
+    if isinstance(port.port, str):
+        numbers = [cp.port for cp in pod.ports
+                   if cp.name == port.port and cp.protocol == port.protocol]
+        if not numbers:
+            return None
+        return ("-p", proto, "--dport", str(numbers[0]))
+    if port.end_port is not None and port.end_port != port.port:
+        if port.end_port < port.port:
+            return None
+        return ("-p", proto, "--dport", f"{port.port}:{port.end_port}")
+    return ("-p", proto, "--dport", str(port.port))
+
+
+def _top_rules(family: int) -> list[Rule]:
+    rules = [Rule(("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"),
+                  "replies")]
+    if family == 6:
+        rules.extend(Rule(("-p", "ipv6-icmp", "--icmpv6-type", str(t), "-j", "RETURN"),
+                          f"neighbour discovery {t}") for t in ND_TYPES)
+    return rules
+
+
+HOOKS = (
+    Hook("FORWARD", Rule(("-j", FORWARD_CHAIN), "hook")),
+    Hook("INPUT", Rule(("-j", INPUT_CHAIN), "hook")),
+)
+
+
+def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = None) -> DesiredState:
+    """The filter state of `node`. Pass `index` to share one index between
+    several nodes' compilations of the same cluster."""
+    index = index or ClusterIndex(cluster)
+    comp = _Compiler(index)
+    local = [p for p in index.pods if p.node == node]      # non-host-network, in pod order
+    isolated: list[tuple[Pod, list[NetworkPolicy], list[NetworkPolicy]]] = []
+    for pod in local:
+        applying = index.policies_for(pod)
+        ingress = [p for p in applying if INGRESS in p.policy_types]
+        egress = [p for p in applying if EGRESS in p.policy_types]
+        if ingress or egress:
+            isolated.append((pod, ingress, egress))
+
+    families = {}
+    for family in (4, 6):
+        chains: list[Chain] = []
+        egress_dispatch: list[Rule] = []
+        ingress_dispatch: list[Rule] = []
+        for pod, ingress, egress in isolated:
+            addrs = comp.addresses(pod, family)
+            if not addrs:
+                continue
+            if egress:
+                chain = comp.pod_chain(pod, EGRESS, egress, family)
+                chains.append(chain)
+                egress_dispatch.extend(
+                    Rule(("-s", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
+                         f"{pod.key} egress dispatch") for a in addrs)
+            if ingress:
+                chain = comp.pod_chain(pod, INGRESS, ingress, family)
+                chains.append(chain)
+                ingress_dispatch.extend(
+                    Rule(("-d", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
+                         f"{pod.key} ingress dispatch") for a in addrs)
+        top = _top_rules(family)
+        chains.append(Chain(FORWARD_CHAIN, tuple(top + egress_dispatch + ingress_dispatch)))
+        chains.append(Chain(INPUT_CHAIN, tuple(top + egress_dispatch)))
+        families[family] = FamilyState(family, tuple(sorted(chains, key=lambda c: c.name)), HOOKS)
+
+    used = {arg for fam in families.values() for c in fam.chains for r in c.rules
+            for arg in r.args if arg in comp.sets}
+    sets = tuple(comp.sets[name] for name in sorted(used))
+    return DesiredState(v4=families[4], v6=families[6], sets=sets)
+
+
+def named_port_problems(cluster: Cluster, index: Optional[ClusterIndex] = None) -> tuple[Problem, ...]:
+    """Named ports that no pod the rule could reach declares: such a port
+    entry allows nothing, which is almost always a typo."""
+    index = index or ClusterIndex(cluster)
+    comp = _Compiler(index)
+    problems = []
+    for policy in sorted(cluster.policies, key=lambda p: (p.namespace, p.name)):
+        for direction in (INGRESS, EGRESS):
+            if direction not in policy.policy_types:
+                continue
+            rules = policy.ingress if direction == INGRESS else policy.egress
+            for rule in sorted(rules, key=lambda r: r.index):
+                for i, port in enumerate(rule.ports or ()):
+                    if not isinstance(port.port, str):
+                        continue
+                    if direction == INGRESS:
+                        found = _declares(index.policy_pods(policy), port.port, port.protocol)
+                        where = "no pod the policy selects"
+                    else:
+                        found = _declared_in_reach(comp, policy.namespace, rule.peers, port)
+                        where = "no pod this rule can reach"
+                    if found:
+                        continue
+                    problems.append(Problem(
+                        "NetworkPolicy", policy.key,
+                        f"spec.{_DIRECTION[direction]}[{rule.index}].ports[{i}].port",
+                        f"named port {port.port!r} ({port.protocol}) is declared by {where}"))
+    return tuple(problems)
+
+
+def _declares(pods: Iterable[Pod], name: str, protocol: str) -> bool:
+    return any(cp.name == name and cp.protocol == protocol for p in pods for cp in p.ports)
+
+
+def _declared_in_reach(comp: _Compiler, namespace: str, peers: Optional[tuple[Peer, ...]],
+                       port: PolicyPort) -> bool:
+    declaring = comp.declared(port.port, port.protocol)
+    if peers is None:
+        return bool(declaring)
+    if _declares(comp.index.peers_pods(namespace, peers), port.port, port.protocol):
+        return True
+    nets = comp.blocks(peers, 4) + comp.blocks(peers, 6)
+    return any(a in n for pod, _ in declaring for f in (4, 6)
+               for a in comp.addresses(pod, f) for n in nets)

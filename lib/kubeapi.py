@@ -1,6 +1,6 @@
 """Access to the Kubernetes API: where it is and how to authenticate (flag,
-kubeconfig, in-cluster), and complete paginated lists with timeouts and
-verified TLS.
+kubeconfig, in-cluster), complete paginated lists and watch streams, with
+timeouts and verified TLS.
 
 A cycle must act on a whole, consistent list or not at all, so every failure
 (HTTP status, timeout, TLS, a body that is not a List, a page failing half
@@ -24,18 +24,19 @@ import json
 import logging
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 import requests
 import yaml
-from urllib3.exceptions import InsecureRequestWarning
+from urllib3.exceptions import InsecureRequestWarning, ReadTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ NETWORK_POLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_LIST_RESTARTS = 3           # after a 410 Gone on a continue token
+MAX_EVENT_BYTES = 16 << 20      # one watch event line; etcd caps an object at 1.5 MiB
+WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")
 USER_AGENT = "kube-policy-manager"
 
 
@@ -61,6 +64,11 @@ class ApiError(Exception):
         self.path = path
         self.page = page
         self.status = status
+
+
+class WatchEventError(ApiError):
+    """A watch stream sent a line that is not a watch event: what it missed is
+    unknown, so the collection must be listed again."""
 
 
 @dataclass(frozen=True)
@@ -387,7 +395,7 @@ class _Expired(Exception):
 
 _STATUS_HINTS = {
     401: "the token or client certificate was not accepted (missing, wrong or expired)",
-    403: "forbidden: RBAC must allow list on this resource",
+    403: "forbidden: RBAC must allow {verb} on this resource",
 }
 
 
@@ -453,6 +461,18 @@ class ApiClient:
         answer from its watch cache instead of etcd. An expired continue token
         (410) restarts the whole list, at most MAX_LIST_RESTARTS times.
         """
+        return self._list(path)[0]
+
+    def list_versioned(self, path: str) -> tuple[list[dict], str]:
+        """Like list(), with the List's metadata.resourceVersion: the point a
+        watch of `path` resumes from so that it misses nothing."""
+        items, version = self._list(path)
+        if not version:
+            raise ApiError(f"GET {path}: not a List: metadata.resourceVersion is missing, so no "
+                           "watch can start from it", path=path)
+        return items, version
+
+    def _list(self, path: str) -> tuple[list[dict], str]:
         if not path.startswith("/"):
             raise ValueError(f"path {path!r} must start with '/'")
         restarts = 0
@@ -469,7 +489,7 @@ class ApiClient:
                 log.info("GET %s page %d: continue token expired (410 Gone); restarting the "
                          "list (%d of %d)", path, expired.page, restarts, MAX_LIST_RESTARTS)
 
-    def _list_once(self, path: str) -> list[dict]:
+    def _list_once(self, path: str) -> tuple[list[dict], str]:
         items: list[dict] = []
         params = {"limit": str(self.page_size), "resourceVersion": "0"}
         page = 1
@@ -483,49 +503,99 @@ class ApiClient:
                 raise self._error(path, page, "not a List: metadata.continue is not a string")
             items.extend(body["items"])
             if not token:
-                return items
+                version = metadata.get("resourceVersion")
+                return items, version if isinstance(version, str) else ""
             if token == params.get("continue"):
                 raise self._error(path, page, "metadata.continue did not change from the previous page")
             page += 1
             params = {"limit": str(self.page_size), "continue": token}
 
-    def _error(self, path: str, page: int, cause: str, status: Optional[int] = None) -> ApiError:
-        message = f"GET {path} page {page}: {cause}"
+    def watch(self, path: str, resource_version: str, timeout_seconds: int,
+              read_timeout: Optional[float] = None) -> "WatchStream":
+        """Open a watch of the collection at `path` from `resource_version`,
+        with bookmarks, that the server ends after `timeout_seconds`.
+
+        Returns once the server has answered 200; any other answer, a 410 Gone
+        included (status 410: list again), raises ApiError. `read_timeout` is
+        the longest silence accepted while streaming; it defaults to
+        timeout_seconds plus the client's read timeout, so that an idle
+        healthy stream is never cut before the server ends it.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path {path!r} must start with '/'")
+        if timeout_seconds < 1:
+            raise ValueError("timeout_seconds must be >= 1")
+        if read_timeout is None:
+            read_timeout = timeout_seconds + self._read_timeout()
+        where = f"watch from resourceVersion {resource_version}"
+        params = {"watch": "1", "resourceVersion": resource_version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        response = self._send(path, params, where, stream=True,
+                              timeout=(self._connect_timeout(), read_timeout))
+        if response.status_code != 200:
+            try:
+                content = response.content          # a Status: small, and bounded by the timeout
+            except requests.exceptions.RequestException:
+                content = b""
+            finally:
+                response.close()
+            self.byte_count += len(content)
+            raise self._status_error(path, where, response, content, verb="watch")
+        return WatchStream(self, response, path, where, read_timeout)
+
+    def _status_error(self, path: str, where: str, response, content: bytes,
+                      page: Optional[int] = None, verb: str = "list") -> ApiError:
+        status = response.status_code
+        cause = f"HTTP {status} {response.reason or ''}".rstrip()
+        detail = _status_message(content) or _STATUS_HINTS.get(status, "").format(verb=verb)
+        if detail:
+            cause += f": {detail}"
+        return self._error(path, page, cause, status=status, where=where)
+
+    def _error(self, path: str, page: Optional[int], cause: str, status: Optional[int] = None,
+               where: Optional[str] = None) -> ApiError:
+        message = f"GET {path} {where or f'page {page}'}: {cause}"
         token = self.config.token or (self._token_file._token if self._token_file else None)
         if token and len(token) >= 8:
             message = message.replace(token, "<redacted>")
         return ApiError(message, path=path, page=page, status=status)
 
-    def _get_page(self, path: str, params: dict, page: int) -> dict:
+    def _send(self, path: str, params: dict, where: str, stream: bool = False, timeout=None,
+              page: Optional[int] = None) -> requests.Response:
+        """One authenticated GET, counted; every transport failure is an ApiError."""
         headers = {}
         try:
             token = self.config.token or (self._token_file.get() if self._token_file else None)
         except ApiError as exc:
-            raise self._error(path, page, str(exc)) from None
+            raise self._error(path, page, str(exc), where=where) from None
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        started = time.monotonic()
+        timeout = self.timeout if timeout is None else timeout
         self.request_count += 1
         try:
             with warnings.catch_warnings():
                 if not self.config.verify:
                     warnings.simplefilter("ignore", InsecureRequestWarning)
-                response = self._session.get(self._base + path, params=params, headers=headers,
-                                             timeout=self.timeout, allow_redirects=False)
+                return self._session.get(self._base + path, params=params, headers=headers,
+                                         timeout=timeout, allow_redirects=False, stream=stream)
         except requests.exceptions.ConnectTimeout:
-            raise self._error(path, page, f"connect timed out ({self._connect_timeout()} s)") from None
+            raise self._error(path, page, f"connect timed out ({_part(timeout, 0)} s)",
+                              where=where) from None
         except requests.exceptions.ReadTimeout:
             raise self._error(path, page, f"no response within the read timeout "
-                                          f"({self._read_timeout()} s)") from None
+                                          f"({_part(timeout, 1)} s)", where=where) from None
         except requests.exceptions.SSLError as exc:
-            raise self._error(path, page, f"TLS error: {_innermost(exc)}") from None
+            raise self._error(path, page, f"TLS error: {_innermost(exc)}", where=where) from None
         except requests.exceptions.ConnectionError as exc:
-            raise self._error(path, page, f"connection failed: {_innermost(exc)}") from None
+            raise self._error(path, page, f"connection failed: {_innermost(exc)}", where=where) from None
         except requests.exceptions.RequestException as exc:
-            raise self._error(path, page, f"request failed: {_innermost(exc)}") from None
+            raise self._error(path, page, f"request failed: {_innermost(exc)}", where=where) from None
         except OSError as exc:          # e.g. a CA or client certificate file that vanished
-            raise self._error(path, page, f"request failed: {exc}") from None
+            raise self._error(path, page, f"request failed: {exc}", where=where) from None
 
+    def _get_page(self, path: str, params: dict, page: int) -> dict:
+        started = time.monotonic()
+        response = self._send(path, params, f"page {page}", page=page)
         try:
             transferred = response.raw.tell() or len(response.content)
         except (AttributeError, OSError):
@@ -538,11 +608,7 @@ class ApiClient:
         if status == 410 and "continue" in params:
             raise _Expired(page)
         if status != 200:
-            cause = f"HTTP {status} {response.reason or ''}".rstrip()
-            detail = _status_message(response.content) or _STATUS_HINTS.get(status, "")
-            if detail:
-                cause += f": {detail}"
-            raise self._error(path, page, cause, status=status)
+            raise self._status_error(path, f"page {page}", response, response.content, page)
         try:
             body = json.loads(response.content)
         except ValueError as exc:
@@ -564,6 +630,134 @@ class ApiClient:
 
     def _read_timeout(self):
         return self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+
+
+class WatchStream:
+    """One open watch response: its events as they arrive, one JSON object a
+    line, as kube-apiserver writes them.
+
+    Iterating yields {"type": ADDED|MODIFIED|DELETED|BOOKMARK, "object": {...}}
+    and ends when the server ends the stream (its timeoutSeconds). An ERROR
+    event raises ApiError with the Status code as `status` (410: the
+    resourceVersion is too old, list again); a line that is not such an
+    event raises WatchEventError; a cut connection or a silence longer than
+    the read timeout raise ApiError. Bytes read are added to the client's
+    byte_count as they arrive. close() may be called from another thread: it
+    ends a blocked read at once and the iteration then stops quietly. A
+    stream read to its end leaves its connection to the session for reuse.
+    """
+
+    def __init__(self, client: ApiClient, response: requests.Response, path: str, where: str,
+                 read_timeout: float):
+        self._client = client
+        self._read_timeout = read_timeout
+        self._response = response
+        self.path = path
+        self._where = where
+        self._closed = False
+        self._finished = False
+        connection = getattr(response.raw, "connection", None)
+        self._sock = getattr(connection, "sock", None)
+        self.events = 0
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                # the socket-level shutdown wakes a read blocked in another
+                # thread, TLS or not; close() alone would not
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "WatchStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._finished:
+            self.close()
+            self._response.close()
+
+    def __iter__(self) -> Iterator[dict]:
+        raw = self._response.raw
+        buffer = bytearray()
+        try:
+            while True:
+                before = raw.tell()
+                try:
+                    data = raw.read1(65536)
+                except Exception as exc:  # noqa: BLE001 - urllib3 wraps socket errors many ways
+                    if self._closed:
+                        return
+                    raise self._failure(exc) from None
+                finally:
+                    self._client.byte_count += raw.tell() - before
+                if not data:
+                    if self._closed:
+                        return
+                    if buffer.strip():
+                        raise self._bad(bytes(buffer), "the stream ended inside an event")
+                    self._finished = True
+                    return
+                searched = len(buffer)
+                buffer += data
+                end = buffer.find(b"\n", searched)
+                while end != -1:
+                    line = bytes(buffer[:end])
+                    del buffer[:end + 1]
+                    if line.strip():
+                        yield self._event(line)
+                    end = buffer.find(b"\n")
+                if len(buffer) > MAX_EVENT_BYTES:
+                    raise self._bad(bytes(buffer[:200]),
+                                    f"an event longer than {MAX_EVENT_BYTES} bytes")
+        finally:
+            if self._finished:
+                raw.release_conn()
+            else:
+                self._response.close()
+
+    def _failure(self, exc: BaseException) -> ApiError:
+        if isinstance(exc, (ReadTimeoutError, TimeoutError)):
+            cause = f"no data within the read timeout ({self._read_timeout} s)"
+        elif exc.args and isinstance(exc.args[0], str):       # urllib3's ProtocolError
+            cause = f"stream broken: {exc.args[0]}"
+        else:
+            cause = f"stream broken: {_innermost(exc)}"
+        return self._client._error(self.path, None, cause, where=self._where)
+
+    def _bad(self, line: bytes, cause: str) -> WatchEventError:
+        text = line[:80].decode("utf-8", "replace")     # the event's head, not its content
+        error = self._client._error(self.path, None, f"event {self.events + 1}: {cause}: {text!r}",
+                                    where=self._where)
+        return WatchEventError(str(error), path=self.path)
+
+    def _event(self, line: bytes) -> dict:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise self._bad(line, "not JSON") from None
+        if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+            raise self._bad(line, "not a watch event (an object with type and object)")
+        kind = event.get("type")
+        if kind == "ERROR":
+            status = event["object"]
+            code = status.get("code")
+            message = status.get("message") if isinstance(status.get("message"), str) else ""
+            reason = status.get("reason") if isinstance(status.get("reason"), str) else "Error"
+            raise self._client._error(self.path, None, f"ERROR event: {code} {reason}: {message[:300]}",
+                                      status=code if isinstance(code, int) else None,
+                                      where=self._where)
+        if kind not in WATCH_EVENT_TYPES:
+            raise self._bad(line, f"unknown event type {kind!r}")
+        self.events += 1
+        return event
+
+
+def _part(timeout, index: int):
+    """One part of a requests timeout, which is a number or (connect, read)."""
+    return timeout[index] if isinstance(timeout, tuple) else timeout
 
 
 def _status_message(content: bytes) -> str:

@@ -11,14 +11,19 @@ instead of through mocks.
         client = ApiClient(load_config(api_server=api.url))
         api.set_state(pods=[...])          # atomic switch, new resourceVersion
         api.fail_next(500)                 # fault injection
+        api.drop_watches()                 # cut the open watch streams
         api.requests                       # what was asked, Authorization removed
 
 Interface: ApiServer(host, port | sock=, tls_cert=, tls_key=, client_ca=,
-token=, namespaces=, pods=, policies=, nodes=, history=); .url, .address,
-.start(), .stop(), context manager; .set_state(), .resource_version;
-.set_tokens(); faults .fail_next(), .fail_page(), .respond_next(),
-.malformed_next(), .hang_next(), .expire_continue(), .clear_faults();
-observation .requests (list of Request), .clear_requests(), .tls_errors.
+token=, namespaces=, pods=, policies=, nodes=, history=, bookmark_seconds=,
+watch_seconds=, too_old_watch=); .url, .address, .start(), .stop(), context
+manager; .set_state(), .resource_version, .compact(); .set_tokens(); faults
+.fail_next(), .fail_page(), .respond_next(), .malformed_next(), .hang_next()
+(each with watch=True/False to match only watch / only other requests),
+.expire_continue(), .clear_faults(); faults of open watch streams
+.drop_watches(), .expire_watches(), .garbage_watches(), .silence_watches();
+observation .requests (list of Request), .clear_requests(), .bytes_sent,
+.open_watches(), .tls_errors.
 TLS material for it: make_ca() and issue_cert() (the openssl command).
 
 Served paths (GET only):
@@ -38,29 +43,53 @@ opaque `continue` tokens that keep serving the snapshot the list began on
 `history` state changes answers 410 Expired); Status bodies for errors;
 uid and resourceVersion filled when missing (an object keeps its
 resourceVersion while its content does not change); the
-`kubernetes.io/metadata.name` label on Namespaces. What it does not: watch,
-label and field selectors (refused with 400, never ignored), writes, any
-other defaulting. `resourceVersion=0` is accepted and `limit` is honoured
-with it, so pagination is exercised; a real API server answering from its
-watch cache may instead send everything in one page, which clients handle
-the same way (no continue token).
+`kubernetes.io/metadata.name` label on Namespaces; watches of the list
+paths (below). What it does not: label and field selectors (refused with
+400, never ignored), watches of one object, writes, any other defaulting.
+`resourceVersion=0` is accepted and `limit` is honoured with it, so
+pagination is exercised; a real API server answering from its watch cache
+may instead send everything in one page, which clients handle the same way
+(no continue token).
+
+Watch (`?watch=1` or `watch=true` on a list path): a 200 answer with chunked
+transfer encoding, one JSON event a line, `{"type": ..., "object": {...}}`,
+objects with apiVersion and kind. Events come from set_state(): each call
+compares the new objects of each kind given with the old (by namespace/name)
+and records ADDED, MODIFIED (content or resourceVersion changed) and DELETED
+(the last state, with the deletion's resourceVersion) at the new
+resourceVersion. A watch from resourceVersion R sends every recorded event
+after R, then the new ones as they come; R empty or "0" first sends the
+current objects as ADDED. With `allowWatchBookmarks=true` a BOOKMARK (an
+object of the kind with only metadata.resourceVersion) follows every
+`bookmark_seconds`. The stream ends after `timeoutSeconds` (default
+`watch_seconds`). Events are kept as long as the snapshots for continue
+tokens (`history` state changes, or until compact()); a watch from an older
+R gets 410 Expired: as an ERROR event holding a Status, as kube-apiserver's
+watch cache answers, or with too_old_watch="status" as an HTTP 410. A watch
+request is logged when it starts, and its entry gets its byte count when it
+ends. Explicit metadata.resourceVersion values given to set_state() are
+served as given, so a watch resuming from them is not meaningful.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import dataclasses
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import select
 import socket
 import ssl
 import subprocess
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer
@@ -120,6 +149,7 @@ class _Fault:
     path: Optional[str] = None
     page: Optional[int] = None
     continue_only: bool = False
+    watch: Optional[bool] = None   # True: watch requests only, False: others only
     status: int = 500
     body: bytes = b""
     content_type: str = "application/json"
@@ -140,6 +170,58 @@ class _Item:
 class _Snapshot:
     rv: int
     items: dict                    # resource name -> tuple[_Item, ...], sorted by key
+
+
+@dataclass(frozen=True)
+class _Event:
+    rv: int                        # the state change that made it
+    resource: str
+    namespace: str
+    line: bytes                    # the event as sent: JSON and a newline
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One open watch, and what a test asked it to do next."""
+    path: str
+    since: int = 0                                  # every event up to this rv is sent
+    actions: list = field(default_factory=list)     # of _StreamAction
+    sent: int = 0                                   # body bytes so far
+
+
+@dataclass(eq=False)
+class _StreamAction:
+    action: str                    # "drop", "expire", "garbage", "silence"
+    data: bytes = b""
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _event_line(kind: str, obj: bytes) -> bytes:
+    return b'{"type":"' + kind.encode() + b'","object":' + obj + b"}\n"
+
+
+def _typed(resource: "_Resource", body: bytes) -> bytes:
+    """An object's JSON with apiVersion and kind in front, as watch events carry it."""
+    head = json.dumps({"apiVersion": resource.api_version, "kind": resource.kind},
+                      separators=(",", ":")).encode()
+    return head[:-1] + (b"," + body[1:] if body != b"{}" else b"}")
+
+
+def _too_old_message(since: int, floor: int) -> str:
+    return f"too old resource version: {since} ({floor + 1})"
+
+
+def _too_old(since: int, floor: int) -> bytes:
+    return _status(410, "Expired", _too_old_message(since, floor))
+
+
+def _peer_gone(conn, wait: float = 0.0) -> bool:
+    """Whether the client closed its end (a watch client never sends more)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], wait)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _status(code: int, reason: str, message: str) -> bytes:
@@ -261,8 +343,21 @@ class ApiServer:
                  token: Optional[str] = None,
                  namespaces: Iterable[JsonObject] = (), pods: Iterable[JsonObject] = (),
                  policies: Iterable[JsonObject] = (), nodes: Iterable[JsonObject] = (),
-                 history: int = 16):
+                 history: int = 16, bookmark_seconds: float = 60.0,
+                 watch_seconds: float = 1800.0, too_old_watch: str = "event"):
+        if too_old_watch not in ("event", "status"):
+            raise ValueError('too_old_watch must be "event" or "status"')
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)     # a state change, a stream action
+        self._events: list[_Event] = []
+        self._event_rvs: list[int] = []                      # rv of each event, for bisect
+        self._floor = 0                                      # oldest rv a watch may start from
+        self._kept_from = 0                                  # events from this rv on are kept
+        self._streams: set[_Stream] = set()
+        self._bytes_done = 0                                 # body bytes of finished answers
+        self.bookmark_seconds = bookmark_seconds
+        self.watch_seconds = watch_seconds
+        self.too_old_watch = too_old_watch
         self._stopping = threading.Event()
         self._faults: list[_Fault] = []
         self._log: list[Request] = []
@@ -339,6 +434,8 @@ class ApiServer:
             return
         self._stopped = True
         self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -382,12 +479,57 @@ class ApiServer:
             for name, objects in given.items():
                 if objects is not None:
                     items[name] = self._build(_RESOURCES[name], objects, rv, old.items[name])
+                    self._record(_RESOURCES[name], old.items[name], items[name], rv)
             snapshot = _Snapshot(rv, items)
             self._snapshot = snapshot
             self._history[rv] = snapshot
             for stale in sorted(self._history)[:-self._history_size]:
                 del self._history[stale]
+            self._forget_before(min(self._history))
+            self._changed.notify_all()
         return str(rv)
+
+    def compact(self) -> str:
+        """Forget every older state, as etcd compaction does: a continue token
+        or a watch from an older resourceVersion then gets 410 Expired."""
+        with self._lock:
+            rv = self._snapshot.rv
+            self._history = {rv: self._snapshot}
+            self._forget_before(rv + 1)
+            self._changed.notify_all()
+        return str(rv)
+
+    def _forget_before(self, rv: int) -> None:
+        """A new watch must start at rv - 1 or later; events older than `rv` are
+        dropped, except those an open stream has yet to send."""
+        self._floor = max(self._floor, rv - 1)
+        keep = min([rv] + [s.since + 1 for s in self._streams if s.since >= 0])
+        cut = bisect.bisect_left(self._event_rvs, keep)
+        if cut:
+            del self._events[:cut], self._event_rvs[:cut]
+        self._kept_from = max(self._kept_from, keep)
+
+    def _record(self, resource: _Resource, before: Sequence[_Item], after: Sequence[_Item],
+                rv: int) -> None:
+        old = {item.key: item for item in before}
+        new = {item.key: item for item in after}
+        events = []
+        for key, item in new.items():
+            was = old.get(key)
+            if was is None:
+                events.append((key, item.namespace, "ADDED", item.body))
+            elif was.content != item.content or was.resource_version != item.resource_version:
+                events.append((key, item.namespace, "MODIFIED", item.body))
+        for key, item in old.items():
+            if key not in new:
+                obj = json.loads(item.body)
+                obj["metadata"]["resourceVersion"] = str(rv)
+                events.append((key, item.namespace, "DELETED",
+                               json.dumps(obj, separators=(",", ":")).encode()))
+        for _, namespace, kind, body in sorted(events):
+            self._events.append(_Event(rv, resource.name, namespace,
+                                       _event_line(kind, _typed(resource, body))))
+            self._event_rvs.append(rv)
 
     @staticmethod
     def _build(resource: _Resource, objects: Iterable[JsonObject], rv: int,
@@ -457,9 +599,10 @@ class ApiServer:
     # a request consumes at most one.
 
     def fail_next(self, status: int = 500, count: int = 1, *, path: Optional[str] = None,
-                  page: Optional[int] = None, message: str = "injected failure") -> None:
+                  page: Optional[int] = None, message: str = "injected failure",
+                  watch: Optional[bool] = None) -> None:
         """Answer with a Status of `status`."""
-        self._add_fault(_Fault("body", count, path, page, status=status,
+        self._add_fault(_Fault("body", count, path, page, status=status, watch=watch,
                                body=_status(status, _reason(status), message)))
 
     def fail_page(self, page: int, status: int = 500, count: int = 1, *,
@@ -470,25 +613,27 @@ class ApiServer:
 
     def respond_next(self, body: Union[bytes, str, Mapping, list], *, status: int = 200,
                      count: int = 1, path: Optional[str] = None, page: Optional[int] = None,
-                     content_type: str = "application/json") -> None:
+                     content_type: str = "application/json",
+                     watch: Optional[bool] = None) -> None:
         """Answer with this body (a dict or list is sent as JSON)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
         self._add_fault(_Fault("body", count, path, page, status=status, body=bytes(body),
-                               content_type=content_type))
+                               content_type=content_type, watch=watch))
 
     def malformed_next(self, count: int = 1, *, path: Optional[str] = None,
                        page: Optional[int] = None,
-                       body: bytes = b'{"apiVersion":"v1","kind":"PodList","items":[{"metad') -> None:
+                       body: bytes = b'{"apiVersion":"v1","kind":"PodList","items":[{"metad',
+                       watch: Optional[bool] = None) -> None:
         """Answer with 200 and a body that is not JSON."""
-        self.respond_next(body, count=count, path=path, page=page)
+        self.respond_next(body, count=count, path=path, page=page, watch=watch)
 
     def hang_next(self, seconds: float, count: int = 1, *, path: Optional[str] = None,
-                  page: Optional[int] = None) -> None:
+                  page: Optional[int] = None, watch: Optional[bool] = None) -> None:
         """Hold the request for `seconds`, then answer it normally (stop() cuts the wait short)."""
-        self._add_fault(_Fault("hang", count, path, page, seconds=seconds))
+        self._add_fault(_Fault("hang", count, path, page, seconds=seconds, watch=watch))
 
     def expire_continue(self, count: int = 1, *, path: Optional[str] = None) -> None:
         """Answer a request that carries a continue token with 410 Expired."""
@@ -498,10 +643,50 @@ class ApiServer:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, path: str, page: Optional[int], has_continue: bool) -> Optional[_Fault]:
+    # Faults of the watch streams open now (on `path`, if given). Each returns
+    # how many streams it reached, once they have acted on it (at most a few
+    # seconds); watches opened later are not affected.
+
+    def drop_watches(self, path: Optional[str] = None) -> int:
+        """Cut the connection, in the middle of the chunked body: nothing more is sent."""
+        return self._act_on_streams("drop", path)
+
+    def expire_watches(self, path: Optional[str] = None) -> int:
+        """Send an ERROR event with a 410 Expired Status, then end the stream."""
+        return self._act_on_streams("expire", path)
+
+    def garbage_watches(self, data: bytes = b'{"type":"ADDED","object":{"metad\n', *,
+                        path: Optional[str] = None) -> int:
+        """Send `data` as it is (by default a line that is not JSON); the stream goes on."""
+        return self._act_on_streams("garbage", path, data)
+
+    def silence_watches(self, path: Optional[str] = None) -> int:
+        """Send nothing more, not even the end at timeoutSeconds, until the client goes away."""
+        return self._act_on_streams("silence", path)
+
+    def open_watches(self, path: Optional[str] = None) -> int:
+        with self._lock:
+            return sum(1 for s in self._streams if path is None or s.path == path)
+
+    def _act_on_streams(self, action: str, path: Optional[str], data: bytes = b"") -> int:
+        with self._changed:
+            targets = [s for s in self._streams if path is None or s.path == path]
+            acts = [_StreamAction(action, data) for _ in targets]
+            for stream, act in zip(targets, acts):
+                stream.actions.append(act)
+            self._changed.notify_all()
+        deadline = time.monotonic() + 5
+        for act in acts:
+            act.done.wait(max(0.0, deadline - time.monotonic()))
+        return len(acts)
+
+    def _take_fault(self, path: str, page: Optional[int], has_continue: bool,
+                    watching: bool = False) -> Optional[_Fault]:
         with self._lock:
             for fault in self._faults:
                 if fault.path is not None and fault.path != path:
+                    continue
+                if fault.watch is not None and fault.watch != watching:
                     continue
                 if fault.page is not None and fault.page != page:
                     continue
@@ -524,6 +709,12 @@ class ApiServer:
     def clear_requests(self) -> None:
         with self._lock:
             self._log.clear()
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes sent so far, open watch streams included."""
+        with self._lock:
+            return self._bytes_done + sum(s.sent for s in self._streams)
 
     @property
     def tls_errors(self) -> list[str]:
@@ -558,12 +749,14 @@ class ApiServer:
         else:
             continue_token = params.get("continue") or ""
             route = self._route(path)
-            if route is not None and route[2] is None:
+            watching = (route is not None and route[2] is None
+                        and params.get("watch") in ("1", "true"))
+            if route is not None and route[2] is None and not watching:
                 page = 1
                 if continue_token:
                     decoded = _decode_continue(continue_token)
                     page = decoded["p"] if decoded else None
-            fault = self._take_fault(path, page, bool(continue_token))
+            fault = self._take_fault(path, page, bool(continue_token), watching)
             if fault is not None and fault.action == "hang":
                 self._stopping.wait(fault.seconds)
                 fault = None
@@ -573,12 +766,20 @@ class ApiServer:
                     "consistent list result. You can start a new list without the continue parameter.")
             elif fault is not None:
                 status, body, content_type = fault.status, fault.body, fault.content_type
+            elif watching:
+                answer = self._watch(handler, route, params,
+                                     Request(handler.command, path, query, params, headers, auth,
+                                             200, None, 0))
+                if answer is None:
+                    return
+                status, body = answer
             else:
                 status, body = self._answer(path, params, route)
 
         entry = Request(handler.command, path, query, params, headers, auth, status, page, len(body))
         with self._lock:
             self._log.append(entry)
+            self._bytes_done += len(body)
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", content_type)
@@ -637,6 +838,144 @@ class ApiServer:
         if name is not None:
             return self._get(resource, namespace, name)
         return self._list(resource, namespace, params)
+
+    def _watch(self, handler: _Handler, route, params: dict,
+               entry: Request) -> Optional[tuple[int, bytes]]:
+        """Serve a watch as a stream; None once it has, or (status, body) to answer instead."""
+        resource, namespace, _ = route
+        for unsupported in ("labelSelector", "fieldSelector"):
+            if params.get(unsupported):
+                return 400, _status(400, "BadRequest", f"{unsupported} is not supported by this test server")
+        rv_text = params.get("resourceVersion", "")
+        since = 0
+        if rv_text not in ("", "0"):
+            try:
+                since = int(rv_text)
+                if since < 0:
+                    raise ValueError
+            except ValueError:
+                return 400, _status(400, "BadRequest", f"resourceVersion: invalid value {rv_text!r}")
+        seconds_text = params.get("timeoutSeconds", "")
+        try:
+            seconds = float(seconds_text) if seconds_text else 0.0
+            if seconds < 0:
+                raise ValueError
+        except ValueError:
+            return 400, _status(400, "BadRequest", f"timeoutSeconds: invalid value {seconds_text!r}")
+        seconds = seconds or self.watch_seconds
+        bookmarks = params.get("allowWatchBookmarks") in ("1", "true")
+
+        stream = _Stream(entry.path)
+        with self._lock:
+            if rv_text in ("", "0"):
+                snapshot = self._snapshot
+                since = snapshot.rv
+                first = [_event_line("ADDED", _typed(resource, item.body))
+                         for item in snapshot.items[resource.name]
+                         if not namespace or item.namespace == namespace]
+            elif since < self._floor:
+                if self.too_old_watch == "status":
+                    return 410, _status(410, "Expired", _too_old_message(since, self._floor))
+                first = [_event_line("ERROR", _too_old(since, self._floor))]
+                since = -1                                   # the stream ends after it
+            else:
+                first = []
+            stream.since = since
+            self._streams.add(stream)
+            self._log.append(entry)
+
+        conn = handler.connection
+        ended = "normally"
+        actions: list[_StreamAction] = []
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.flush()
+
+            def send(lines: list) -> None:
+                data = b"".join(lines)
+                if data:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    stream.sent += len(data)
+
+            send(first)
+            started = time.monotonic()
+            deadline = started + seconds
+            next_bookmark = started + self.bookmark_seconds if bookmarks else float("inf")
+            while since >= 0:
+                with self._changed:
+                    now = time.monotonic()
+                    if (not stream.actions and self._snapshot.rv <= since
+                            and not self._stopping.is_set()):
+                        self._changed.wait(max(0.0, min(0.1, deadline - now, next_bookmark - now)))
+                    actions, stream.actions = stream.actions, []
+                    lines = []
+                    if since + 1 < self._kept_from:             # fell behind the kept events
+                        lines, since = [_event_line("ERROR", _too_old(since, self._floor))], -1
+                    elif self._snapshot.rv > since:
+                        start = bisect.bisect_right(self._event_rvs, since)
+                        lines = [e.line for e in self._events[start:]
+                                 if e.resource == resource.name
+                                 and (not namespace or e.namespace == namespace)]
+                        since = self._snapshot.rv
+                    stream.since = since
+                if self._stopping.is_set():
+                    ended = "server stopping"
+                    break
+                for act in actions:
+                    if act.action == "drop":
+                        ended = "dropped"
+                        return None
+                    if act.action == "garbage":
+                        send([act.data])
+                    elif act.action == "expire":
+                        send([_event_line("ERROR", _status(410, "Expired", "injected expiry"))])
+                        lines, since = [], -1
+                    elif act.action == "silence":
+                        ended = "silenced"
+                        for taken in actions:
+                            taken.done.set()
+                        while not self._stopping.is_set() and not _peer_gone(conn, 0.1):
+                            pass
+                        return None
+                    act.done.set()
+                actions = []
+                send(lines)
+                now = time.monotonic()
+                if since >= 0 and now >= next_bookmark:
+                    send([_event_line("BOOKMARK", _typed(resource, json.dumps(
+                        {"metadata": {"resourceVersion": str(since)}},
+                        separators=(",", ":")).encode()))])
+                    next_bookmark = now + self.bookmark_seconds
+                if _peer_gone(conn):
+                    ended = "client gone"
+                    break
+                if now >= deadline:
+                    break
+            if ended == "normally":
+                handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            ended = "client gone"
+        finally:
+            if ended != "normally":
+                handler.close_connection = True
+                try:
+                    socket.socket.shutdown(conn, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self._changed:
+                self._streams.discard(stream)
+                self._bytes_done += stream.sent
+                for i in range(len(self._log) - 1, -1, -1):
+                    if self._log[i] is entry:
+                        self._log[i] = dataclasses.replace(entry, response_bytes=stream.sent)
+                        break
+                for act in stream.actions + actions:
+                    act.done.set()
+            log.debug("watch %s ended: %s", entry.path, ended)
+        return None
 
     def _get(self, resource: _Resource, namespace: str, name: str) -> tuple[int, bytes]:
         key = f"{namespace}/{name}" if resource.namespaced else name

@@ -1,0 +1,471 @@
+"""Watched caches of the API objects a cycle needs (the --watch data source),
+and the trigger that runs a cycle soon after one of them changes.
+
+Listing every pod from every node each interval costs the API server a full
+read per node per interval. Here each kind is listed once, then kept current
+from a watch stream, so a cycle reads a local copy: an idle cycle costs the
+API server nothing. What the steady state costs is one watch request per
+kind per watch period (240-360 s) and the changes themselves.
+
+Staying correct, per kind (one WatchCache, one thread, one HTTP session):
+
+- list, keep the List's resourceVersion, then watch from it; apply ADDED,
+  MODIFIED and DELETED by namespace/name and move the resourceVersion with
+  every event (a BOOKMARK moves only the resourceVersion);
+- when the server ends the stream (its timeoutSeconds) or the connection
+  breaks, watch again from the last resourceVersion: nothing is missed and
+  nothing is listed again;
+- when the server answers 410 Gone (HTTP status or ERROR event: that
+  resourceVersion is no longer in its history), or sends a line that is not
+  a watch event, what was missed is unknown: list again, and replace the
+  cache in one step when the new list is complete;
+- failures are retried with a doubling, jittered delay (0.5 s up to 30 s).
+
+Failing safe: snapshot() raises ApiError, so that the cycle writes nothing,
+until every kind has completed its first list, and when a kind has been out
+of sync (no established watch or completed list) for longer than
+`stale_after` seconds. Within that bound a cycle enforces the last state
+seen, as the rules in force would stay in poll mode while the API is
+unreachable, and repairs drift in the kernel meanwhile. The daemon passes
+three intervals, so a node cut off from the API fails its cycles after three
+intervals and /healthz says so three intervals later. A server that keeps a
+connection open but sends nothing is noticed only when the read timeout
+(the watch's timeoutSeconds plus the client's read timeout) runs out.
+
+Changes are reported to `on_change(seen)`, `seen` being the time.monotonic()
+at which the change arrived, only when what the object means to enforcement
+changed (lib/objects.py parses it differently): a pod's status heartbeat or
+a new annotation runs no cycle. The first list counts as a change, so that a
+cycle follows at once. The cache holds the objects as the API sent them,
+less metadata.managedFields (server-side apply bookkeeping, often the larger
+half of an object, that nothing here reads).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable, Optional, TypeVar
+
+from lib import logs, objects
+from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiConfig, ApiError,
+                         ClusterObjects, WatchEventError, WatchStream)
+
+WATCH_SECONDS = 240.0          # the server ends a watch after this, times 1 to 1.5 (jitter)
+RETRY = (0.5, 30.0)            # first and longest delay between failed attempts
+STALE_AFTER = 30.0             # seconds out of sync before snapshot() refuses
+MIN_HEALTHY_STREAM = 0.5       # a stream that ends sooner, empty, counts as a failure
+
+R = TypeVar("R")
+
+
+class WatchCache:
+    """The objects of one collection (`path`), kept by list-then-watch in a
+    background thread. `client` is used by this cache only.
+
+    `meaning(obj)` is what a change must alter to be reported (None: any
+    ADDED, MODIFIED or DELETED is); `on_change(seen)` is called from the
+    cache's thread.
+    """
+
+    def __init__(self, client: ApiClient, path: str, *,
+                 meaning: Optional[Callable[[dict], Any]] = None,
+                 on_change: Optional[Callable[[float], None]] = None,
+                 watch_seconds: float = WATCH_SECONDS, jitter: float = 0.5,
+                 retry: tuple[float, float] = RETRY, stale_after: float = STALE_AFTER):
+        if watch_seconds < 1:
+            raise ValueError("watch_seconds must be >= 1")
+        self.client = client
+        self.path = path
+        self.meaning = meaning
+        self.on_change = on_change
+        self.watch_seconds = watch_seconds
+        self.jitter = jitter
+        self.retry = retry
+        self.stale_after = stale_after
+        self._lock = threading.Lock()
+        self._items: dict[str, dict] = {}
+        self._keys: Optional[list[str]] = None       # sorted, while the key set holds
+        self._values: Optional[list[dict]] = None    # in key order, while nothing changes
+        self._version = ""
+        self._synced = threading.Event()
+        self._out_since: Optional[float] = None
+        self._last_error: Optional[str] = None
+        self._stop = threading.Event()
+        self._stream: Optional[WatchStream] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __repr__(self) -> str:
+        return f"WatchCache({self.path!r}, resourceVersion={self.resource_version!r})"
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def resource_version(self) -> str:
+        """Where the next watch resumes: the last list's, event's or bookmark's."""
+        with self._lock:
+            return self._version
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def items(self) -> list[dict]:
+        """The objects in namespace/name order, as the API lists them, or
+        ApiError while the cache cannot be trusted (see the module docstring)."""
+        with self._lock:
+            if not self._synced.is_set():
+                raise ApiError(f"{self.path}: watch cache not filled yet: the first list is not "
+                               f"complete{self._cause()}", path=self.path)
+            if self._out_since is not None:
+                age = time.monotonic() - self._out_since
+                if age > self.stale_after:
+                    raise ApiError(f"{self.path}: watch cache out of sync for {age:.0f} s (limit "
+                                   f"{self.stale_after:g} s){self._cause()}", path=self.path)
+            if self._values is None:
+                if self._keys is None:
+                    self._keys = sorted(self._items)
+                self._values = [self._items[k] for k in self._keys]
+            return list(self._values)
+
+    def cost(self) -> tuple[int, int]:
+        """Requests made and body bytes received, over the cache's life."""
+        return self.client.request_count, self.client.byte_count
+
+    def _cause(self) -> str:
+        return f"; last error: {self._last_error}" if self._last_error else ""
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> "WatchCache":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"watch {self.path}", daemon=True)
+            self._thread.start()
+        return self
+
+    def request_stop(self) -> None:
+        """Ask the thread to end and cut its stream; stop() also waits for it."""
+        self._stop.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """End the thread; whether it ended within `timeout`. A thread still
+        waiting on an unresponsive server ends by its request timeout and
+        changes nothing after stop()."""
+        self.request_stop()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self.client.close()
+        return True
+
+    # -- the thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        need_list, failures = True, 0
+        while not self._stop.is_set():
+            gone = False
+            try:
+                if need_list:
+                    self._relist()
+                    need_list = False
+                if self._watch():                 # only a healthy stream ends a run of failures
+                    failures = 0
+                    continue
+                failures += 1
+                cause = "the stream ended at once, empty"
+            except WatchEventError as exc:        # unknown what was missed: list again
+                need_list, failures, cause = True, failures + 1, str(exc)
+            except ApiError as exc:
+                if exc.status == 410:             # resourceVersion too old: list again
+                    need_list = gone = True
+                failures, cause = failures + 1, str(exc)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any surprise
+                need_list, failures, cause = True, failures + 1, f"{type(exc).__name__}: {exc}"
+                logs.get().exception(f"watch {self.path}: unexpected error",
+                                     extra={"event": "watch-crash", "path": self.path})
+            if self._stop.is_set():
+                break
+            self._fell_out(cause)
+            # a first 410 or bad event is answered by a list at once; every
+            # other failure, and a repeated one, waits
+            delay = 0.0 if need_list and failures == 1 and self.synced else self._delay(failures)
+            # a 410 is routine (the server's history moved on); anything else is worth a look
+            level = logging.INFO if gone and failures == 1 else logging.WARNING
+            logs.get().log(level, f"watch {self.path}: {cause}; "
+                                  f"{'listing again' if need_list else 'resuming'} in {delay:.1f} s",
+                           extra={"event": "watch-error", "path": self.path,
+                                  "relist": need_list, "failures": failures,
+                                  "retry_seconds": round(delay, 2)})
+            self._stop.wait(delay)
+
+    def _delay(self, failures: int) -> float:
+        first, longest = self.retry
+        return min(longest, first * 2 ** (max(failures, 1) - 1)) * random.uniform(0.8, 1.2)
+
+    def _fell_out(self, cause: str) -> None:
+        with self._lock:
+            if self._out_since is None:
+                self._out_since = time.monotonic()
+            self._last_error = cause
+
+    def _in_sync(self) -> None:
+        with self._lock:
+            self._out_since = None
+            self._last_error = None
+
+    def _relist(self) -> None:
+        items, version = self.client.list_versioned(self.path)
+        fresh: dict[str, dict] = {}
+        for i, obj in enumerate(items):
+            key = _key(obj)
+            if key is None or key in fresh:       # kept, for lib/objects.py to report
+                key = f"\0{i}"
+            fresh[key] = _stored(obj)
+        with self._lock:
+            if self._stop.is_set():
+                return
+            old, first = self._items, not self._synced.is_set()
+            self._items, self._keys, self._values = fresh, None, None
+            self._version = version
+            self._out_since = self._last_error = None
+        self._synced.set()
+        logs.get().info(f"listed {self.path}: {len(fresh)} objects at resourceVersion {version}",
+                        extra={"event": "watch-list", "path": self.path, "objects": len(fresh),
+                               "resource_version": version})
+        if first or self._differ(old, fresh):
+            self._notify(time.monotonic())
+
+    def _watch(self) -> bool:
+        """One watch stream, to its end; whether it was healthy (raises ApiError otherwise)."""
+        timeout = int(self.watch_seconds * (1 + self.jitter * random.random()))
+        version = self.resource_version
+        stream = self.client.watch(self.path, version, timeout)
+        with self._lock:
+            self._stream = stream
+        if self._stop.is_set():
+            stream.close()
+        self._in_sync()
+        opened = time.monotonic()
+        events = 0
+        try:
+            with stream:
+                for event in stream:
+                    if self._stop.is_set():
+                        return True
+                    events += 1
+                    self._apply(event)
+        finally:
+            with self._lock:
+                self._stream = None
+        return events > 0 or time.monotonic() - opened >= MIN_HEALTHY_STREAM
+
+    def _apply(self, event: dict) -> None:
+        kind, obj = event["type"], event["object"]
+        metadata = obj.get("metadata")
+        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+        if not isinstance(version, str) or not version:
+            raise WatchEventError(f"GET {self.path} watch: {kind} event without "
+                                  "object.metadata.resourceVersion", path=self.path)
+        if kind == "BOOKMARK":
+            with self._lock:
+                self._version = version
+            return
+        key = _key(obj)
+        if key is None:
+            raise WatchEventError(f"GET {self.path} watch: {kind} event without "
+                                  "object.metadata.name", path=self.path)
+        with self._lock:
+            old = self._items.get(key)
+            if kind == "DELETED":
+                if old is not None:
+                    del self._items[key]
+                    self._keys = None
+                new = None
+            else:
+                if old is None:
+                    self._keys = None
+                self._items[key] = new = _stored(obj)
+            self._values = None
+            self._version = version
+        if self._means(old) != self._means(new):
+            self._notify(time.monotonic())
+
+    def _means(self, obj: Optional[dict]) -> Any:
+        if obj is None:
+            return None
+        return obj if self.meaning is None else self.meaning(obj)
+
+    def _differ(self, old: dict, new: dict) -> bool:
+        if old.keys() != new.keys():
+            return True
+        return any(self._means(old[k]) != self._means(new[k]) for k in new
+                   if _version_of(old[k]) != _version_of(new[k]) or not _version_of(new[k]))
+
+    def _notify(self, seen: float) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(seen)
+        except Exception:  # noqa: BLE001 - a failing listener must not end the watch
+            logs.get().exception(f"watch {self.path}: change listener failed",
+                                 extra={"event": "watch-listener-error", "path": self.path})
+
+
+def _stored(obj: Any) -> Any:
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        metadata = {k: v for k, v in metadata.items() if k != "managedFields"}
+        return {**obj, "metadata": metadata}
+    return obj
+
+
+def _version_of(obj: Any) -> Any:
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    return metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+
+
+def _key(obj: Any) -> Optional[str]:
+    """namespace/name (name alone for cluster objects), or None without a usable name."""
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(metadata, dict):
+        return None
+    name, namespace = metadata.get("name"), metadata.get("namespace") or ""
+    if not isinstance(name, str) or not name or not isinstance(namespace, str):
+        return None
+    return f"{namespace}/{name}" if namespace else name
+
+
+class ClusterCache:
+    """Namespaces, Pods and NetworkPolicies as three WatchCaches; snapshot()
+    stands in for ApiClient.list_cluster() in a cycle."""
+
+    KINDS = (("namespaces", NAMESPACES, objects.parse_namespace),
+             ("pods", PODS, objects.parse_pod),
+             ("policies", NETWORK_POLICIES, objects.parse_policy))
+
+    def __init__(self, config: ApiConfig, *, on_change: Optional[Callable[[float], None]] = None,
+                 stale_after: float = STALE_AFTER, watch_seconds: float = WATCH_SECONDS,
+                 jitter: float = 0.5, retry: tuple[float, float] = RETRY,
+                 timeout=(3.05, 10.0), page_size: int = 500):
+        self.caches = {
+            name: WatchCache(ApiClient(config, timeout=timeout, page_size=page_size), path,
+                             meaning=meaning, on_change=on_change, watch_seconds=watch_seconds,
+                             jitter=jitter, retry=retry, stale_after=stale_after)
+            for name, path, meaning in self.KINDS}
+        self._reported = (0, 0)
+
+    def __enter__(self) -> "ClusterCache":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "ClusterCache":
+        for cache in self.caches.values():
+            cache.start()
+        return self
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """End every thread; whether all ended within `timeout`."""
+        for cache in self.caches.values():
+            cache.request_stop()
+        deadline = time.monotonic() + timeout
+        return all([cache.stop(max(0.0, deadline - time.monotonic()))
+                    for cache in self.caches.values()])
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Whether every kind completed its first list within `timeout`."""
+        deadline = time.monotonic() + timeout
+        return all(cache.wait_synced(max(0.0, deadline - time.monotonic()))
+                   for cache in self.caches.values())
+
+    def snapshot(self) -> ClusterObjects:
+        """The cached objects, with what the API cost since the last snapshot
+        returned (0 and 0 while nothing changed), or ApiError."""
+        namespaces = self.caches["namespaces"].items()
+        pods = self.caches["pods"].items()
+        policies = self.caches["policies"].items()
+        costs = [cache.cost() for cache in self.caches.values()]
+        spent = (sum(c[0] for c in costs), sum(c[1] for c in costs))
+        reported, self._reported = self._reported, spent
+        return ClusterObjects(namespaces, pods, policies,
+                              requests=spent[0] - reported[0], bytes=spent[1] - reported[1])
+
+
+class Trigger:
+    """Changes seen by the caches, handed to the loop: a cycle soon after a
+    change, at most one per `min_gap` seconds, and `settle` seconds after
+    the first change so that a burst (one `kubectl apply` of many objects)
+    is enforced by one cycle."""
+
+    def __init__(self, min_gap: float = 1.0, settle: float = 0.1):
+        self.min_gap = min_gap
+        self.settle = settle
+        self._cond = threading.Condition()
+        self._pending: Optional[float] = None      # earliest change not yet taken
+        self._fired = float("-inf")                # when wait() last returned a change
+
+    def notify(self, seen: Optional[float] = None) -> None:
+        """A change seen at `seen` (time.monotonic(); default now). Any thread."""
+        seen = time.monotonic() if seen is None else seen
+        with self._cond:
+            if self._pending is None or seen < self._pending:
+                self._pending = seen
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> Optional[float]:
+        with self._cond:
+            return self._pending
+
+    def wait(self, timeout: float) -> Optional[float]:
+        """Up to `timeout` seconds for a change due for a cycle; the earliest
+        pending change time, or None. Returns a change at most once per
+        min_gap, whether or not it is taken, so a loop that cannot run a
+        cycle yet does not spin."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._pending is not None:
+                    due = max(self._pending + self.settle, self._fired + self.min_gap)
+                    if now >= due:
+                        self._fired = now
+                        return self._pending
+                else:
+                    due = deadline
+                if now >= deadline:
+                    return None
+                self._cond.wait(min(due, deadline) - now)
+
+    def take(self) -> Optional[float]:
+        """Clear the pending changes for a cycle about to fetch; the earliest
+        one's time, or None. Changes arriving later stay for the next cycle."""
+        with self._cond:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def run(self, cycle: Callable[[], R], observe: Optional[Callable[[float], None]] = None) -> R:
+        """Run `cycle` (returning a report with `ok`) for the changes pending
+        now. When it succeeds, `observe` gets the seconds from the earliest of
+        them to now (their rules live: kpm_time_to_enforce_seconds); when it
+        fails they stay pending, with their time, for the next attempt."""
+        seen = self.take()
+        report = cycle()
+        if seen is not None:
+            if getattr(report, "ok", False):
+                if observe is not None:
+                    observe(time.monotonic() - seen)
+            else:
+                self.notify(seen)
+        return report

@@ -1,0 +1,475 @@
+"""lib/watch.py (and the watch side of lib/kubeapi.py) against the test API
+server's real watch streams on 127.0.0.1: list then watch, resume, relist on
+410 or garbage, bookmarks, cost of an idle cycle, the change trigger."""
+import threading
+import time
+
+import pytest
+
+from lib import objects
+from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiError, WatchEventError,
+                         load_config)
+from lib.watch import ClusterCache, Trigger, WatchCache
+from tests.apiserver import ApiServer
+
+
+# -- objects -----------------------------------------------------------------------
+
+def ns(name, **labels):
+    return {"metadata": {"name": name, "labels": labels}}
+
+
+def pod(name, ip, namespace="x", node="node-1", **labels):
+    return {"metadata": {"namespace": namespace, "name": name, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+
+def policy(name, namespace="x", **match):
+    return {"metadata": {"namespace": namespace, "name": name},
+            "spec": {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"]}}
+
+
+NAMESPACES_0 = [ns("x"), ns("y", team="b")]
+PODS_0 = [pod("a", "10.244.1.10", app="web"), pod("b", "10.244.1.11", app="db")]
+POLICIES_0 = [policy("deny-web", app="web")]
+
+
+def names(items):
+    return [item["metadata"]["name"] for item in items]
+
+
+def eventually(check, timeout=2.0):
+    """Poll `check` until it returns a true value; that value, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except ApiError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not true within {timeout} s: {check}")
+        time.sleep(0.02)
+
+
+def watches(requests, path=None):
+    return [r for r in requests if r.params.get("watch") == "1" and (path is None or r.path == path)]
+
+
+def lists(requests, path=None):
+    return [r for r in requests if "watch" not in r.params and (path is None or r.path == path)]
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+@pytest.fixture
+def serve():
+    started = []
+
+    def start(**kwargs):
+        kwargs.setdefault("namespaces", NAMESPACES_0)
+        kwargs.setdefault("pods", PODS_0)
+        kwargs.setdefault("policies", POLICIES_0)
+        kwargs.setdefault("bookmark_seconds", 3600)
+        server = ApiServer(**kwargs)
+        started.append(server)
+        return server.start()
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def watched():
+    """Start ClusterCaches (fast retries) on a server; each must stop within a second."""
+    started = []
+
+    def start(api, synced=True, **kwargs):
+        kwargs.setdefault("retry", (0.05, 0.5))
+        trigger = kwargs.pop("trigger", None) or Trigger()
+        cache = ClusterCache(load_config(api_server=api.url), on_change=trigger.notify, **kwargs)
+        started.append(cache)
+        cache.start()
+        if synced:
+            assert cache.wait_synced(2)
+            eventually(lambda: api.open_watches() == 3)
+        return cache, trigger
+    yield start
+    for cache in started:
+        assert cache.stop(1.0)
+
+
+# -- list, then watch ----------------------------------------------------------------
+
+def test_initial_list_then_watch_from_the_lists_resource_version(serve, watched):
+    api = serve()
+    cache, _ = watched(api, watch_seconds=100, jitter=0.5)
+    got = cache.snapshot()
+    assert names(got.namespaces) == ["x", "y"]
+    assert names(got.pods) == ["a", "b"]
+    assert names(got.policies) == ["deny-web"]
+    log = api.requests
+    for path in (NAMESPACES, PODS, NETWORK_POLICIES):
+        (listed,) = lists(log, path)
+        (watch,) = watches(log, path)
+        assert listed.params["resourceVersion"] == "0" and listed.params["limit"] == "500"
+        assert log.index(listed) < log.index(watch)
+        assert watch.params["resourceVersion"] == api.resource_version
+        assert watch.params["allowWatchBookmarks"] == "true"
+        assert 100 <= int(watch.params["timeoutSeconds"]) <= 150
+    assert (got.requests, got.bytes) == (6, api.bytes_sent)
+
+
+def test_a_snapshot_equals_a_fresh_list_after_adds_changes_and_deletes(serve, watched):
+    api = serve()
+    cache, _ = watched(api)
+    api.set_state(pods=PODS_0 + [pod("c", "10.244.2.5", node="node-2", app="web")])
+    managed = pod("c", "10.244.2.5")
+    managed["metadata"]["managedFields"] = [{"manager": "kubectl", "operation": "Apply"}]
+    api.set_state(pods=[pod("a", "10.244.1.10", app="api"), PODS_0[1], managed],
+                  namespaces=[ns("x", team="a"), ns("z")], policies=[policy("allow", app="db")])
+    api.set_state(pods=[managed])
+
+    polled = ApiClient(load_config(api_server=api.url)).list_cluster()
+    expected = objects.parse_cluster(polled.namespaces, polled.pods, polled.policies)
+
+    def same():
+        got = cache.snapshot()
+        return objects.parse_cluster(got.namespaces, got.pods, got.policies) == expected
+    eventually(same)
+    got = cache.snapshot()
+    assert names(got.pods) == ["c"] and names(got.namespaces) == ["x", "z"]
+    assert names(got.policies) == ["allow"]
+    assert "managedFields" not in got.pods[0]["metadata"]     # not kept: nothing reads it
+    assert got.pods[0]["metadata"]["uid"]
+
+
+def test_a_snapshot_before_the_first_list_completes_raises(serve, watched):
+    api = serve()
+    api.fail_next(503, count=2, path=PODS, watch=False, message="etcd leader changed")
+    cache, _ = watched(api, synced=False, retry=(0.15, 1))
+    assert cache.caches["namespaces"].wait_synced(1) and cache.caches["policies"].wait_synced(1)
+    err = eventually(lambda: (lambda e: e if e and "last error" in str(e) else None)(
+        _error_of(cache.snapshot)))
+    assert str(err).startswith("/api/v1/pods: watch cache not filled yet: the first list is not "
+                               "complete; last error: GET /api/v1/pods page 1: HTTP 503 Service "
+                               "Unavailable: etcd leader changed")
+    assert cache.wait_synced(2)
+    assert names(cache.snapshot().pods) == ["a", "b"]
+    assert len(lists(api.requests, PODS)) == 3              # two failures, then the list
+
+
+# -- changes and the trigger ---------------------------------------------------------
+
+def test_a_change_reaches_the_cache_within_a_second_and_fires_the_trigger_once(serve, watched):
+    api = serve()
+    cache, trigger = watched(api, trigger=Trigger(min_gap=0.4))
+    assert trigger.take() is not None                        # the first lists count as a change
+    before = time.monotonic()
+    api.set_state(pods=PODS_0 + [pod("c", "10.244.1.12", app="web")])
+    api.set_state(policies=POLICIES_0 + [policy("allow-db", app="db")])     # same burst
+
+    seen = trigger.wait(2)
+    fired = time.monotonic()
+    assert seen is not None and before <= seen <= fired and fired - before < 1.0
+    got = cache.snapshot()
+    assert names(got.pods) == ["a", "b", "c"] and names(got.policies) == ["allow-db", "deny-web"]
+    assert trigger.take() == seen
+    assert trigger.wait(0.6) is None                         # one cycle for the burst
+
+
+def test_changes_are_coalesced_to_one_cycle_a_second(serve, watched):
+    api = serve()
+    _, trigger = watched(api, trigger=Trigger(min_gap=0.2, settle=0.0))
+    trigger.take()
+    fired = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            if trigger.wait(0.05) is not None:
+                fired.append(time.monotonic())
+                trigger.take()
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        for i in range(12):                                  # a change every 50 ms for 0.6 s
+            api.set_state(pods=PODS_0 + [pod("c", "10.244.1.12", gen=str(i))])
+            time.sleep(0.05)
+        time.sleep(0.3)                                      # the last change's turn
+    finally:
+        stop.set()
+        thread.join()
+    gaps = [b - a for a, b in zip(fired, fired[1:])]
+    assert 2 <= len(fired) <= 6                              # not 12
+    assert all(gap >= 0.19 for gap in gaps)
+    assert trigger.pending is None
+
+
+def test_a_status_heartbeat_updates_the_cache_but_fires_nothing(serve, watched):
+    api = serve()
+    cache, trigger = watched(api)
+    trigger.take()
+    beating = pod("a", "10.244.1.10", app="web")
+    beating["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    beating["metadata"]["annotations"] = {"seen": "now"}
+    api.set_state(pods=[beating, PODS_0[1]])
+    eventually(lambda: cache.snapshot().pods[0]["status"].get("conditions"))
+    assert trigger.wait(0.2) is None
+
+    relabelled = pod("a", "10.244.1.10", app="api")
+    api.set_state(pods=[relabelled, PODS_0[1]])
+    assert trigger.wait(1.5) is not None
+
+
+def test_deleted_objects_leave_the_cache(serve, watched):
+    api = serve()
+    cache, trigger = watched(api)
+    trigger.take()
+    api.set_state(pods=[PODS_0[1]], policies=[], namespaces=[ns("x")])
+    assert trigger.wait(2) is not None
+    got = eventually(lambda: (lambda s: s if names(s.pods) == ["b"] else None)(cache.snapshot()))
+    assert got.policies == [] and names(got.namespaces) == ["x"]
+
+
+# -- cost ------------------------------------------------------------------------------
+
+def test_idle_cycles_cost_no_requests_and_no_bytes(serve, watched):
+    api = serve()
+    cache, _ = watched(api)
+    first = cache.snapshot()
+    assert first.requests == 6 and first.bytes > 0
+    logged, sent = len(api.requests), api.bytes_sent
+    time.sleep(0.3)
+    for _ in range(3):
+        idle = cache.snapshot()
+        assert (idle.requests, idle.bytes) == (0, 0)
+    assert len(api.requests) == logged and api.bytes_sent == sent
+
+    api.set_state(pods=PODS_0 + [pod("c", "10.244.1.12")])      # a change costs its event
+    changed = eventually(lambda: (lambda s: s if len(s.pods) == 3 else None)(cache.snapshot()))
+    assert changed.requests == 0 and 0 < changed.bytes == api.bytes_sent - sent
+    assert len(api.requests) == logged
+
+    polled = ApiClient(load_config(api_server=api.url)).list_cluster()   # the poll, for contrast
+    assert polled.requests == 3 and polled.bytes > changed.bytes
+
+
+# -- resuming and relisting ----------------------------------------------------------
+
+def test_a_dropped_stream_resumes_from_the_last_resource_version_without_a_list(serve, watched):
+    api = serve()
+    cache, _ = watched(api)
+    version = cache.caches["pods"].resource_version
+    before = len(api.requests)
+    assert api.drop_watches(PODS) == 1
+    api.set_state(pods=PODS_0 + [pod("c", "10.244.1.12")])
+    eventually(lambda: len(cache.snapshot().pods) == 3)
+    new = api.requests[before:]
+    assert lists(new) == []
+    (resumed,) = watches(new, PODS)
+    assert resumed.params["resourceVersion"] == version
+
+
+@pytest.mark.parametrize("too_old_watch", ["event", "status"])
+def test_a_too_old_resource_version_leads_to_a_fresh_list(serve, watched, too_old_watch):
+    api = serve(too_old_watch=too_old_watch)
+    cache, _ = watched(api)
+    version = cache.caches["pods"].resource_version
+    before = len(api.requests)
+    api.hang_next(0.3, path=PODS, watch=True)      # the resumed watch is answered after ...
+    api.drop_watches(PODS)
+    api.set_state(pods=[PODS_0[0]])                  # ... a change and a compaction
+    api.compact()
+    eventually(lambda: names(cache.snapshot().pods) == ["a"]
+               and len(watches(api.requests[before:], PODS)) == 2)
+    new = api.requests[before:]
+    stale, fresh = watches(new, PODS)
+    assert stale.params["resourceVersion"] == version
+    assert stale.status == (410 if too_old_watch == "status" else 200)
+    (relisted,) = lists(new, PODS)
+    assert new.index(stale) < new.index(relisted) < new.index(fresh)
+    assert fresh.params["resourceVersion"] == api.resource_version
+    assert lists(new, NAMESPACES) == []
+
+
+def test_a_server_that_always_answers_410_gets_fewer_and_fewer_lists(serve, watched):
+    api = serve()
+    cache, _ = watched(api)
+    before = len(api.requests)
+    api.fail_next(410, count=1000, path=PODS, watch=True, message="too old resource version")
+    api.drop_watches(PODS)
+    time.sleep(0.8)
+    relists = lists(api.requests[before:], PODS)
+    assert 2 <= len(relists) <= 6                      # 0.05 s doubling, not a busy loop
+    api.clear_faults()
+    eventually(lambda: api.open_watches(PODS) == 1)
+    assert names(cache.snapshot().pods) == ["a", "b"]
+
+
+def test_an_error_event_410_on_an_open_stream_leads_to_a_fresh_list(serve, watched):
+    api = serve()
+    cache, _ = watched(api)
+    before = len(api.requests)
+    assert api.expire_watches(NETWORK_POLICIES) == 1
+    eventually(lambda: len(lists(api.requests[before:], NETWORK_POLICIES)) == 1
+               and api.open_watches(NETWORK_POLICIES) == 1)
+    assert names(cache.snapshot().policies) == ["deny-web"]
+
+
+def test_a_garbage_event_is_an_error_that_leads_to_a_fresh_list(serve, watched, caplog):
+    api = serve()
+    cache, trigger = watched(api)
+    trigger.take()
+    before = len(api.requests)
+    assert api.garbage_watches(path=PODS) == 1
+    eventually(lambda: len(lists(api.requests[before:], PODS)) == 1 and api.open_watches(PODS) == 1)
+    assert trigger.pending is None                   # the fresh list found nothing new
+    assert any("not JSON" in r.getMessage() for r in caplog.records)
+    api.set_state(pods=[PODS_0[0]])                 # and the cache still follows changes
+    eventually(lambda: names(cache.snapshot().pods) == ["a"])
+
+
+def test_bookmarks_move_the_resource_version_and_fire_nothing(serve, watched):
+    api = serve(bookmark_seconds=0.1)
+    cache, trigger = watched(api)
+    trigger.take()
+    pods = cache.caches["pods"]
+    listed = pods.resource_version
+    api.set_state(nodes=[{"metadata": {"name": "node-1"}}])     # a new version, no pod changed
+    eventually(lambda: pods.resource_version == api.resource_version != listed)
+    assert trigger.wait(0.2) is None
+    before = len(api.requests)
+    api.drop_watches(PODS)
+    eventually(lambda: api.open_watches(PODS) == 1)
+    (resumed,) = watches(api.requests[before:], PODS)
+    assert resumed.params["resourceVersion"] == api.resource_version
+
+
+def test_an_idle_stream_ends_normally_and_a_silent_one_is_reconnected(serve, watched, caplog):
+    api = serve()
+    cache, _ = watched(api, watch_seconds=1, jitter=0, timeout=(1, 0.3))
+    started = time.monotonic()
+    assert api.silence_watches(PODS) == 1
+    # the others: ended by the server after timeoutSeconds (1 s), resumed without an error
+    eventually(lambda: len(watches(api.requests, NAMESPACES)) == 2)
+    # the silent one: reconnected after timeoutSeconds + the read timeout (0.3 s)
+    eventually(lambda: len(watches(api.requests, PODS)) == 2, timeout=3)
+    assert 1.25 <= time.monotonic() - started < 3.0
+    errors = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "watch-error"]
+    assert len(errors) == 1 and errors[0].startswith(
+        "watch /api/v1/pods: GET /api/v1/pods watch from resourceVersion 1: no data within the "
+        "read timeout (1.3 s); resuming in")
+    assert len(lists(api.requests)) == 3
+
+
+def test_a_cache_out_of_sync_beyond_the_bound_refuses_snapshots(serve, watched):
+    api = serve()
+    cache, _ = watched(api, stale_after=0.3)
+    gone = time.monotonic()
+    api.stop()                                        # streams cut, reconnections refused
+    assert names(cache.snapshot().pods) == ["a", "b"]   # within the bound: the last state
+    err = eventually(lambda: _error_of(cache.snapshot))
+    assert time.monotonic() - gone >= 0.3
+    assert "watch cache out of sync for" in str(err) and "(limit 0.3 s)" in str(err)
+    assert "connection failed" in str(err)
+
+
+def _error_of(call):
+    try:
+        call()
+    except ApiError as exc:
+        return exc
+    return None
+
+
+def test_stop_ends_the_threads_within_a_second(serve):
+    api = serve()
+    cache = ClusterCache(load_config(api_server=api.url)).start()
+    assert cache.wait_synced(2)
+    eventually(lambda: api.open_watches() == 3)
+    started = time.monotonic()
+    assert cache.stop(1.0)
+    assert time.monotonic() - started < 1.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("watch /")]
+    eventually(lambda: api.open_watches() == 0)
+
+
+# -- the watch request itself --------------------------------------------------------
+
+def test_watch_errors_name_the_path_and_the_cause(serve):
+    api = serve()
+    client = ApiClient(load_config(api_server=api.url), timeout=(1, 1))
+    api.fail_next(403, watch=True, message="")
+    with pytest.raises(ApiError) as err:
+        client.watch(PODS, "1", 5)
+    assert err.value.status == 403 and str(err.value) == (
+        "GET /api/v1/pods watch from resourceVersion 1: HTTP 403 Forbidden: "
+        "forbidden: RBAC must allow watch on this resource")
+
+    stream = client.watch(PODS, api.resource_version, 5)
+    api.garbage_watches(b'{"type":"RENAMED","object":{}}\n')
+    with pytest.raises(WatchEventError, match="event 1: unknown event type 'RENAMED'"):
+        next(iter(stream))
+
+
+def test_watch_from_zero_sends_the_current_objects_first(serve):
+    api = serve()
+    client = ApiClient(load_config(api_server=api.url))
+    api.set_state(pods=PODS_0 + [pod("c", "10.244.1.12", namespace="y")])
+    with client.watch("/api/v1/namespaces/x/pods", "0", 5) as stream:
+        events = iter(stream)
+        first = [next(events), next(events)]
+        api.set_state(pods=[PODS_0[1], pod("c", "10.244.1.12", namespace="y")])
+        deleted = next(events)
+    assert [(e["type"], e["object"]["kind"], e["object"]["metadata"]["name"]) for e in first] == [
+        ("ADDED", "Pod", "a"), ("ADDED", "Pod", "b")]
+    assert (deleted["type"], deleted["object"]["metadata"]["name"]) == ("DELETED", "a")
+    assert deleted["object"]["metadata"]["resourceVersion"] == api.resource_version
+
+
+def test_trigger_reports_time_to_enforce_and_keeps_failed_changes_pending():
+    trigger = Trigger(min_gap=0.2, settle=0.0)
+    observed = []
+
+    class Report:
+        def __init__(self, ok):
+            self.ok = ok
+
+    assert trigger.run(lambda: Report(True), observed.append).ok and observed == []
+    trigger.notify(time.monotonic() - 0.5)
+    trigger.notify()
+    failed = trigger.run(lambda: Report(False), observed.append)
+    assert not failed.ok and observed == [] and trigger.pending is not None
+    trigger.run(lambda: Report(True), observed.append)
+    assert len(observed) == 1 and 0.5 <= observed[0] < 1.0
+    assert trigger.pending is None
+
+
+def test_trigger_wait_returns_a_change_at_most_once_per_gap():
+    trigger = Trigger(min_gap=0.2, settle=0.0)
+    trigger.notify()
+    started = time.monotonic()
+    assert trigger.wait(1) is not None
+    assert trigger.wait(1) is not None                  # not taken: again, but a gap later
+    assert 0.19 <= time.monotonic() - started < 0.6
+    trigger.take()
+    assert trigger.wait(0.1) is None
+
+
+def test_a_cache_of_one_kind_without_a_meaning_reports_every_change(serve):
+    api = serve()
+    seen = []
+    cache = WatchCache(ApiClient(load_config(api_server=api.url)), PODS, on_change=seen.append)
+    cache.start()
+    try:
+        assert cache.wait_synced(2)
+        eventually(lambda: api.open_watches(PODS) == 1)
+        beating = pod("a", "10.244.1.10", app="web")
+        beating["metadata"]["annotations"] = {"seen": "now"}
+        api.set_state(pods=[beating, PODS_0[1]])
+        eventually(lambda: len(seen) == 2)            # the first list, then the change
+    finally:
+        assert cache.stop(1.0)

@@ -5,28 +5,99 @@ Flags and wiring only; the work is in lib/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import sys
 import threading
 
-EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_DENIED = 0, 1, 2, 3
+
+# --output values per mode; the first is the default.
+OUTPUTS = {
+    "dry-run": ("diff", "json", "raw"),
+    "explain": ("text", "json"),
+    "status": ("table", "json"),
+}
+
+EPILOG = """\
+commands:
+  (none)      the enforcer: the loop, or one cycle with --once
+  explain     FROM TO PORT[/PROTOCOL]: would this connection be allowed, and why
+              (reads the API only; no root needed)
+  status      this node's pods, their isolation and rules, and whether the kernel
+              holds what it should
+
+--dry-run output (--output, with --once or --cleanup):
+  diff        (default) the changes per chain and set, rules and members as +/- lines,
+              drift (changes made by someone else) named; colour on a terminal only
+              (NO_COLOR turns it off)
+  json        the same as one JSON object, with the exact restore payloads
+  raw         the exact ipset restore / iptables-restore input, in apply order
+
+exit codes:
+  --once                 0 ok, 1 error
+  --once/--cleanup --dry-run
+                         0 in sync, 2 changes pending, 1 error
+  explain                0 allowed, 3 denied, 1 error (2 is a command-line usage error)
+  status                 0 kernel in sync, 2 out of sync, 1 error
+
+Run "reconcile.py COMMAND --help" for a command's flags.
+"""
+
+
+def _api_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """The API and logging flags. A command takes them too, so that they may
+    come before or after its name; there they default to SUPPRESS, so that
+    the command's parser never overwrites a value given before the name."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--api-server", metavar="URL", default=default(None),
+                   help="API server URL (http or https)")
+    p.add_argument("--kubeconfig", metavar="PATH", default=default(None),
+                   help="kubeconfig file (default $KUBECONFIG)")
+    p.add_argument("--token-file", metavar="PATH", default=default(None),
+                   help="bearer token file, with --api-server")
+    p.add_argument("--ca-file", metavar="PATH", default=default(None),
+                   help="CA bundle for the API server, with --api-server")
+
+
+def _log_flag(p: argparse.ArgumentParser, suppress: bool) -> None:
+    p.add_argument("--log-level", default=argparse.SUPPRESS if suppress else "INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+
+
+def _node_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
+    p.add_argument("--node-name",
+                   default=argparse.SUPPRESS if suppress
+                   else os.environ.get("NODE_NAME") or socket.gethostname(),
+                   help="this node's name (default $NODE_NAME, then the host name)")
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"),
+                   default=argparse.SUPPRESS if suppress else "auto",
+                   help="iptables backend (default auto: the one the node already uses)")
+
+
+def _port(text: str):
+    from lib.explain import parse_port
+    try:
+        return parse_port(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="reconcile.py",
-        description="Enforce Kubernetes NetworkPolicies on this node with iptables and ipsets.")
+        description="Enforce Kubernetes NetworkPolicies on this node with iptables and ipsets.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--once", action="store_true", help="run one cycle and exit (0 ok, 1 error)")
     p.add_argument("--interval", type=int, default=10, metavar="SECONDS",
                    help="seconds between cycles in the loop (default 10)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    help="this node's name (default $NODE_NAME, then the host name)")
-    p.add_argument("--api-server", metavar="URL", help="API server URL (http or https)")
-    p.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file (default $KUBECONFIG)")
-    p.add_argument("--token-file", metavar="PATH", help="bearer token file, with --api-server")
-    p.add_argument("--ca-file", metavar="PATH", help="CA bundle for the API server, with --api-server")
+    _api_flags(p, suppress=False)
     p.add_argument("--dry-run", action="store_true",
                    help="with --once: print the plan, write nothing; exit 0 in sync, 2 changes pending, 1 error")
     p.add_argument("--cleanup", action="store_true",
@@ -35,21 +106,128 @@ def parse_args(argv):
                    help="iptables backend (default auto: the one the node already uses)")
     p.add_argument("--metrics-port", type=int, default=9101, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz on this port in the loop (0: off)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+    _log_flag(p, suppress=False)
+    every_output = sorted({o for choices in OUTPUTS.values() for o in choices})
+    p.add_argument("--output", choices=every_output, default=None,
+                   help="with --dry-run: diff (default), json or raw; for a command, see its --help")
+
+    commands = p.add_subparsers(dest="command", metavar="[COMMAND]")
+    ex = commands.add_parser(
+        "explain", help="would a connection be allowed, and why",
+        description="Evaluate the cluster's NetworkPolicies for one connection: the source's "
+                    "egress and the destination's ingress, the policies selecting each, and the "
+                    "rule that admits it or that none does. Exit 0 allowed, 3 denied, 1 error.")
+    ex.add_argument("source", metavar="FROM", help="namespace/pod, an IP address or a CIDR")
+    ex.add_argument("destination", metavar="TO", help="namespace/pod, an IP address or a CIDR")
+    ex.add_argument("port", metavar="PORT[/PROTOCOL]", type=_port,
+                    help="destination port; protocol TCP (default), UDP or SCTP")
+    ex.add_argument("--family", type=int, choices=(4, 6), default=None,
+                    help="address family for dual-stack pods (default: the destination's first address)")
+    ex.add_argument("--output", choices=OUTPUTS["explain"], default=argparse.SUPPRESS,
+                    help="text (default) or json")
+    _api_flags(ex, suppress=True)
+    _log_flag(ex, suppress=True)
+
+    st = commands.add_parser(
+        "status", help="this node's pods and whether the kernel holds their rules",
+        description="One row per pod of this node: isolated for ingress and egress, policies, "
+                    "rules, sets, and whether the kernel matches (in sync, differs, missing); "
+                    "then a summary. Writes nothing. Exit 0 in sync, 2 out of sync, 1 error.")
+    st.add_argument("--output", choices=OUTPUTS["status"], default=argparse.SUPPRESS,
+                    help="table (default) or json")
+    _api_flags(st, suppress=True)
+    _node_flags(st, suppress=True)
+    _log_flag(st, suppress=True)
+
     args = p.parse_args(argv)
     if args.interval < 1:
         p.error("--interval must be at least 1 second")
+    if args.command:
+        if args.once or args.dry_run or args.cleanup:
+            p.error(f"{args.command} takes none of --once, --dry-run, --cleanup")
+        mode = args.command
+    elif args.dry_run:
+        mode = "dry-run"
+    else:
+        mode = None
     if args.dry_run and not (args.once or args.cleanup):
         p.error("--dry-run needs --once (or --cleanup)")
+    if mode is None:
+        if args.output is not None:
+            p.error("--output needs --dry-run (or the explain or status command)")
+    elif args.output is None:
+        args.output = OUTPUTS[mode][0]
+    elif args.output not in OUTPUTS[mode]:
+        p.error(f"--output {args.output}: {mode} prints one of {', '.join(OUTPUTS[mode])}")
     return args
+
+
+def print_plan(output: str, the_plan, desired, current) -> None:
+    from lib import plan, plan_view, terminal
+    if output == "raw":
+        print(plan.render(the_plan), end="")
+    elif output == "json":
+        print(json.dumps(plan_view.document(the_plan, desired, current), indent=2))
+    else:
+        print(plan_view.render_diff(the_plan, desired, current,
+                                    color=terminal.wants_color(sys.stdout)), end="")
+
+
+def explain_command(args, log) -> int:
+    from lib import explain, kubeapi, node_addresses, objects, terminal
+    port, protocol = args.port
+    try:
+        config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
+        with kubeapi.ApiClient(config) as api:
+            fetched = api.list_cluster()
+        cluster = objects.parse_cluster(fetched.namespaces, fetched.pods, fetched.policies)
+        result = explain.explain(cluster, args.source, args.destination, port, protocol,
+                                 args.family, node_addresses.from_pods(fetched.pods))
+    except Exception as exc:  # noqa: BLE001 - any failure ends the command with a clear line
+        log.error(f"explain failed: {exc}", extra={"event": "explain-error"})
+        return EXIT_ERROR
+    if args.output == "json":
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(explain.render(result, color=terminal.wants_color(sys.stdout)), end="")
+    return EXIT_OK if result.allowed else EXIT_DENIED
+
+
+def status_command(args, log) -> int:
+    from lib import cycle, kernel, kubeapi, status, terminal
+    try:
+        backend, _ = kernel.detect_backend(args.iptables_backend)
+        kern = kernel.Kernel(backend)
+        config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
+        api = kubeapi.ApiClient(config)
+    except Exception as exc:  # noqa: BLE001 - start-up errors end the command with a clear line
+        log.error(f"start-up failed: {exc}", extra={"event": "startup-error"})
+        return EXIT_ERROR
+    with api:
+        report = cycle.run_cycle(api.list_cluster, kern, args.node_name, dry_run=True,
+                                 problem_log=cycle.ProblemLog())
+    if not report.ok:
+        return EXIT_ERROR
+    node = status.node_status(report.cluster, report.desired, report.kernel, report.plan,
+                              args.node_name, backend, kern.families)
+    if args.output == "json":
+        print(json.dumps(node.as_dict(), indent=2))
+    else:
+        print(status.render_table(node, color=terminal.wants_color(sys.stdout)), end="")
+    return EXIT_OK if node.in_sync else EXIT_PENDING
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     from lib import cycle, kernel, kubeapi, logs, loop, metrics, plan
+    from lib.ruleset import DesiredState
     log = logs.setup(args.log_level)
+
+    if args.command == "explain":
+        return explain_command(args, log)
+    if args.command == "status":
+        return status_command(args, log)
 
     try:
         backend, reason = kernel.detect_backend(args.iptables_backend)
@@ -57,9 +235,10 @@ def main(argv=None) -> int:
                                                         "reason": reason})
         kern = kernel.Kernel(backend)
         if args.cleanup:
-            cleanup = plan.cleanup(kern.read())
+            current = kern.read()
+            cleanup = plan.cleanup(current)
             if args.dry_run:
-                print(plan.render(cleanup), end="")
+                print_plan(args.output, cleanup, DesiredState(), current)
                 return EXIT_OK if cleanup.empty else EXIT_PENDING
             kern.apply(cleanup)
             log.info("cleanup done", extra={"event": "cleanup", "changes": len(cleanup.changes)})
@@ -80,7 +259,7 @@ def main(argv=None) -> int:
         if not report.ok:
             return EXIT_ERROR
         if args.dry_run:
-            print(plan.render(report.plan), end="")
+            print_plan(args.output, report.plan, report.desired, report.kernel)
             return EXIT_OK if report.plan.empty else EXIT_PENDING
         return EXIT_OK
 

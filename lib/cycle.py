@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from lib import compile as compiler
 from lib import conntrack, logs, objects, plan as planner
 from lib.model import Cluster, Problem
-from lib.plan import Plan
+from lib.plan import KernelState, Plan
 from lib.ruleset import DesiredState, FamilyState
 
 STAGES = ("fetch", "parse", "compile", "read", "diff", "apply")
@@ -41,6 +41,7 @@ class CycleReport:
     api_bytes: int = 0
     cluster: Optional[Cluster] = None
     desired: Optional[DesiredState] = None
+    kernel: Optional[KernelState] = None             # as read before the diff
 
     @property
     def changes(self) -> int:
@@ -121,6 +122,7 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
         if problem_log is not None:
             problem_log.update(problems)
         current = stage("read", kernel.read)
+        state["kernel"] = current
         the_plan = stage("diff", lambda: planner.diff(desired, current))
         state["plan"] = the_plan
         stats = None
@@ -162,7 +164,7 @@ def _report(ok, seconds, state, node, **kw) -> CycleReport:
         failed_stage=kw.get("failed_stage"), error=kw.get("error"),
         applied=kw.get("applied", False), apply_stats=kw.get("stats"),
         api_requests=getattr(api, "requests", 0), api_bytes=getattr(api, "bytes", 0),
-        cluster=cluster, desired=desired,
+        cluster=cluster, desired=desired, kernel=state.get("kernel"),
     )
 
 

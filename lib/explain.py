@@ -6,15 +6,29 @@ reads when a connection fails.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Optional
 
-from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule
+from lib.model import (EGRESS, INGRESS, PROTOCOLS, TCP, Cluster, NetworkPolicy, Peer, Pod,
+                       PolicyPort, PolicyRule)
 from lib.selectors import NAME_LABEL, matches
+from lib.terminal import paint, printable
 
 
 class EndpointError(ValueError):
     pass
+
+
+def parse_port(text: str) -> tuple[int, str]:
+    """`PORT[/PROTOCOL]` as typed on the command line: (80, "TCP") from
+    "80", (53, "UDP") from "53/udp"."""
+    number, sep, protocol = text.partition("/")
+    protocol = protocol.upper() if sep else TCP
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{text}: protocol must be one of {', '.join(PROTOCOLS)}")
+    if not number.isdigit() or not 1 <= int(number) <= 65535:
+        raise ValueError(f"{text}: port must be a number from 1 to 65535")
+    return int(number), protocol
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class Explanation:
     allowed: bool
     egress: Direction = field(default=None)
     ingress: Direction = field(default=None)
+    notes: tuple[str, ...] = ()            # problems of the policies involved (rules dropped)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -154,11 +169,17 @@ def _rule_admits(cluster, policy, rule: PolicyRule, direction: str, other: Endpo
     return None
 
 
-def _direction(cluster, pod: Optional[Pod], direction: str, other: Endpoint,
+def _direction(cluster, endpoint: Endpoint, direction: str, other: Endpoint,
                port: int, protocol: str, dst: Endpoint) -> Direction:
+    pod = endpoint.pod
     name = direction.lower()
     if pod is None or pod.host_network:
-        why = "host-network pods are never isolated" if pod else "not a pod of the cluster"
+        if pod is not None:
+            why = f"{pod.key} uses the host network: never isolated"
+        elif endpoint.node is not None:
+            why = f"{endpoint.ip} is an address of node {endpoint.node}: never isolated"
+        else:
+            why = f"{endpoint.ip} is not a pod of the cluster: nothing here isolates it"
         return Direction(name, applies=False, reason=why)
     selecting = [p for p in sorted(cluster.policies, key=lambda p: p.key)
                  if p.namespace == pod.namespace and direction in p.policy_types
@@ -182,30 +203,46 @@ def _direction(cluster, pod: Optional[Pod], direction: str, other: Endpoint,
 def explain(cluster: Cluster, source: str, destination: str, port: int, protocol: str = "TCP",
             family: Optional[int] = None,
             node_addresses: Optional[Mapping[str, tuple[str, ...]]] = None) -> Explanation:
+    """Whether `source` may open a connection to `destination` on `port`:
+    the source's egress and the destination's ingress must both allow it.
+    `node_addresses` (node name -> addresses) lets a node's own address be
+    recognised: a node always reaches its own pods."""
     protocol = protocol.upper()
     dst = resolve(cluster, destination, family, node_addresses)
     fam = _family(dst.ip)
     src = resolve(cluster, source, fam, node_addresses)
-    egress = _direction(cluster, src.pod, EGRESS, dst, port, protocol, dst)
+    egress = _direction(cluster, src, EGRESS, dst, port, protocol, dst)
+    ingress = _direction(cluster, dst, INGRESS, src, port, protocol, dst)
     dst_pod = dst.pod if dst.pod is not None and not dst.pod.host_network else None
     if dst_pod is not None and src.node is not None and src.node == dst_pod.node:
-        ingress = Direction("ingress", applies=True, reason=(
-            f"from {dst_pod.key}'s own node: always allowed (kubelet probes)"))
-    else:
-        ingress = _direction(cluster, dst.pod, INGRESS, src, port, protocol, dst)
+        ingress = replace(ingress, allowed=True, reason=(
+            f"from {dst_pod.key}'s own node {src.node}: always allowed (kubelet probes)"))
+    involved = set(egress.policies) | set(ingress.policies)
+    notes = tuple(str(p) for p in cluster.problems
+                  if p.kind == "NetworkPolicy" and p.object in involved)
     return Explanation(src.name, dst.name, port, protocol, fam,
-                       egress.allowed and ingress.allowed, egress, ingress)
+                       egress.allowed and ingress.allowed, egress, ingress, notes)
 
 
-def render(e: Explanation) -> str:
-    verdict = "ALLOWED" if e.allowed else "DENIED"
-    lines = [f"{e.source} -> {e.destination} {e.port}/{e.protocol} (IPv{e.family}): {verdict}"]
+def render(e: Explanation, color: bool = False) -> str:
+    """The verdict, then one paragraph per direction: isolated or not, by
+    which policies, and the rule that admits the connection or that none does."""
+    verdict = paint("ALLOWED", "ok", color) if e.allowed else paint("DENIED", "bad", color)
+    lines = [printable(f"{e.source} -> {e.destination} {e.port}/{e.protocol} (IPv{e.family}): ")
+             + verdict]
     for d in (e.egress, e.ingress):
         who = e.source if d.direction == "egress" else e.destination
-        state = "allows" if d.allowed else "REFUSES"
-        lines.append(f"  {d.direction} of {who}: {state} - {d.reason}")
+        if not d.applies:
+            state = "not isolated"
+        elif not d.isolated:
+            state = "not isolated, allows"
+        else:
+            state = f"isolated, {'allows' if d.allowed else paint('refuses', 'bad', color)}"
+        lines.append(f"  {d.direction} of {printable(who)}: {state}: {printable(d.reason)}")
         if d.policies:
-            lines.append(f"    selected by: {', '.join(d.policies)}")
+            lines.append(f"    selected by: {printable(', '.join(d.policies))}")
         for hit in d.allowed_by[1:]:
-            lines.append(f"    also admitted by {hit}")
+            lines.append(f"    also admitted by {printable(hit)}")
+    for note in e.notes:
+        lines.append(f"  note: {printable(note)}")
     return "\n".join(lines) + "\n"

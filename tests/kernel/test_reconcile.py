@@ -84,7 +84,10 @@ def test_dry_run_reports_pending_changes_and_writes_nothing(node):
     before = node.snapshot()
     dry = node.reconcile("--once", "--dry-run")
     assert dry.code == 2, dry.stderr
-    assert "*filter" in dry.stdout and "KPM-FORWARD" in dry.stdout
+    assert "+ chain KPM-FORWARD (IPv4)" in dry.stdout
+    raw = node.reconcile("--once", "--dry-run", "--output", "raw")
+    assert raw.code == 2, raw.stderr
+    assert "*filter" in raw.stdout and "KPM-FORWARD" in raw.stdout
     assert node.snapshot() == before
 
 

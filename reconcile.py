@@ -104,6 +104,12 @@ def parse_args(argv):
                    help="remove every chain, jump rule and ipset this program owns, then exit")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default auto: the one the node already uses)")
+    p.add_argument("--watch", action="store_true",
+                   help="in the loop, keep the API objects in a cache fed by watch streams instead "
+                        "of listing them every cycle; a change runs a cycle within about a second")
+    p.add_argument("--no-conntrack-cleanup", dest="conntrack_cleanup", action="store_false",
+                   help="after an apply, do not delete the conntrack entries of connections the "
+                        "new rules refuse (by default they are cut)")
     p.add_argument("--metrics-port", type=int, default=9101, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz on this port in the loop (0: off)")
     _log_flag(p, suppress=False)
@@ -220,7 +226,7 @@ def status_command(args, log) -> int:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
-    from lib import cycle, kernel, kubeapi, logs, loop, metrics, plan
+    from lib import cycle, kernel, kubeapi, logs, loop, metrics, plan, watch
     from lib.ruleset import DesiredState
     log = logs.setup(args.log_level)
 
@@ -250,9 +256,12 @@ def main(argv=None) -> int:
         return EXIT_ERROR
 
     problems = cycle.ProblemLog()
+    fetch = api.list_cluster
 
     def one_cycle(dry_run=False):
-        return cycle.run_cycle(api.list_cluster, kern, args.node_name, dry_run, problems)
+        # `fetch` is read at call time: watch mode swaps in its cache.
+        return cycle.run_cycle(fetch, kern, args.node_name, dry_run, problems,
+                               conntrack_cleanup=args.conntrack_cleanup)
 
     if args.once:
         report = one_cycle(args.dry_run)
@@ -266,19 +275,28 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("starting", extra={"event": "start", "node": args.node_name,
+    log.info("starting", extra={"event": "start", "node": args.node_name, "watch": args.watch,
                                 "interval": args.interval, "api": config.source})
-    observer = None
+    observer = enforced = server = None
     if args.metrics_port:
         stats = metrics.Metrics(args.interval)
         server = metrics.serve(stats, args.metrics_port)
-        observer = stats.observe
-    loop.run_forever(one_cycle, args.interval, stop, on_report=observer)
-    if args.metrics_port:
+        observer, enforced = stats.observe, stats.enforce_latency.observe
+    run, trigger, cache = one_cycle, None, None
+    if args.watch:
+        trigger = watch.Trigger()
+        cache = watch.ClusterCache(config, on_change=trigger.notify,
+                                   stale_after=3 * args.interval).start()
+        cache.wait_synced(args.interval)
+        fetch = cache.snapshot
+        run = lambda: trigger.run(one_cycle, enforced)  # noqa: E731
+    loop.run_forever(run, args.interval, stop, on_report=observer, trigger=trigger)
+    if cache is not None:
+        cache.stop()
+    if server is not None:
         server.shutdown()
     log.info("stopping; rules stay in force", extra={"event": "stop"})
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

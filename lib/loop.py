@@ -31,7 +31,8 @@ class Backoff:
 
 
 def run_forever(cycle: Callable[[], object], interval: int, stop: threading.Event,
-                on_report: Optional[Callable[[object], None]] = None) -> None:
+                on_report: Optional[Callable[[object], None]] = None, trigger=None) -> None:
+    """`trigger` (lib.watch.Trigger): also run a cycle as soon as it reports a change."""
     backoff = Backoff(interval)
     scheduler = schedule.Scheduler()
 
@@ -57,4 +58,7 @@ def run_forever(cycle: Callable[[], object], interval: int, stop: threading.Even
     job()
     while not stop.is_set():
         scheduler.run_pending()
-        stop.wait(0.1)
+        if trigger is None:
+            stop.wait(0.1)
+        elif trigger.wait(0.1) is not None:
+            job()

@@ -48,5 +48,8 @@ unit: venv
 lab: deps venv
 	$(PY) -m tests.lab run $(CASES)
 
+bench: deps venv
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) .venv-scan .pytest_cache

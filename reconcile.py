@@ -104,6 +104,8 @@ def parse_args(argv):
                    help="remove every chain, jump rule and ipset this program owns, then exit")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default auto: the one the node already uses)")
+    p.add_argument("--api-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="read timeout of every API request (default 10; connecting: 3 s)")
     p.add_argument("--watch", action="store_true",
                    help="in the loop, keep the API objects in a cache fed by watch streams instead "
                         "of listing them every cycle; a change runs a cycle within about a second")
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
             log.info("cleanup done", extra={"event": "cleanup", "changes": len(cleanup.changes)})
             return EXIT_OK
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
-        api = kubeapi.ApiClient(config)
+        api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
     except Exception as exc:  # noqa: BLE001 - start-up errors end the program with a clear line
         log.error(f"start-up failed: {exc}", extra={"event": "startup-error"})
         return EXIT_ERROR
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
     if args.watch:
         trigger = watch.Trigger()
         cache = watch.ClusterCache(config, on_change=trigger.notify,
+                                   timeout=(3.05, args.api_timeout),
                                    stale_after=3 * args.interval).start()
         cache.wait_synced(args.interval)
         fetch = cache.snapshot

@@ -36,7 +36,7 @@ STDERR_LIMIT = 800         # characters of a binary's stderr kept in an error me
 LINE_QUOTE_LIMIT = 200     # characters of a failing payload line quoted in an error
 
 # Where each binary reports the payload line it refused.
-_FAILED_LINE = re.compile(r"(?:Error occurred at line: |Error in line )(\d+)")
+_FAILED_LINE = re.compile(r"(?:Error occurred at line: |Error in line |line )(\d+)")
 
 
 class KernelError(Exception):
@@ -304,7 +304,7 @@ class Kernel:
         for family in self.families:
             self._iptables_restore(family, "cleanup transaction",
                                    plan.iptables_cleanup.get(family, ""), progress)
-        self._ipset_restore("ipset restore (cleanup)", plan.ipset_cleanup, progress)
+        self._ipset_cleanup(plan.ipset_cleanup, progress)
         return progress.stats()
 
     def cleanup(self) -> ApplyStats:
@@ -329,6 +329,26 @@ class Kernel:
         self._run_step(step, "ipset", ["restore", "-exist"], payload, progress,
                        timeout=self.timeout)
         progress.ipset_lines += _count_lines(payload)
+
+    def _ipset_cleanup(self, payload: str, progress: _Progress) -> None:
+        """Removing stale members and sets is best effort. The policy is fully
+        in force by now, and a stale set that someone else's rule still uses
+        cannot be destroyed: that must not fail every cycle (and the liveness
+        probe with it). A refused line is logged and skipped, the rest applied."""
+        lines = [ln for ln in payload.splitlines() if ln.strip()]
+        step = "ipset restore (cleanup)"
+        while lines:
+            try:
+                self._ipset_restore(step, "\n".join(lines) + "\n", progress)
+                return
+            except KernelError as err:
+                match = _FAILED_LINE.search(str(err))
+                number = int(match.group(1)) if match else 0
+                if not 1 <= number <= len(lines):
+                    raise
+                logs.get().warning(f"{step}: left in place: {lines[number - 1]}: {err}",
+                                   extra={"event": "stale-set-kept", "line": lines[number - 1]})
+                lines = lines[number:]
 
     def _run_step(self, step: str, binary: str, args: list[str], payload: str,
                   progress: _Progress, timeout: float) -> None:

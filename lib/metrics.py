@@ -135,5 +135,6 @@ def serve(metrics: Metrics, port: int, address: str = "") -> ThreadingHTTPServer
 
     server = _bind(address, port, Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     name="metrics", daemon=True).start()
     return server

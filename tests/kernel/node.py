@@ -4,13 +4,20 @@ talking to a real API server whose socket lives in that same namespace.
 """
 from __future__ import annotations
 
+import http.client
+import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.apiserver import ApiServer
 from tests.lab.netns import inside
@@ -18,6 +25,7 @@ from tests.lab.netns import inside
 REPO = Path(__file__).resolve().parents[2]
 NODE = "node-1"
 NODE_IP = "172.18.0.1"
+METRICS_PORT = 9101
 
 
 def namespace(name: str, **labels: str) -> dict:
@@ -50,11 +58,106 @@ def strip_volatile(save: str) -> str:
                      if not line.startswith("#")) + "\n"
 
 
+def json_lines(text: str) -> list[dict]:
+    """The JSON log lines of a run's stderr (anything else is skipped)."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            lines.append(value)
+    return lines
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             step: float = 0.05) -> object:
+    """Poll `condition` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
 @dataclass
 class Result:
     code: int
     stdout: str
     stderr: str
+
+    @property
+    def log(self) -> list[dict]:
+        return json_lines(self.stderr)
+
+
+class Daemon:
+    """reconcile.py in its loop, in the background inside the node's namespace.
+
+    Its stderr goes to a file: a pipe nobody reads would fill up and stall it.
+    """
+
+    def __init__(self, netns: str, argv: list[str], metrics_port: int):
+        self.netns = netns
+        self.metrics_port = metrics_port
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                        cwd=REPO)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET http://127.0.0.1:PORT/path from inside the namespace: (status, body)."""
+        with inside(self.netns):
+            conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=timeout)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                return response.status, response.read().decode("utf-8", "replace")
+            finally:
+                conn.close()
+
+    def status(self, path: str) -> Optional[int]:
+        """The HTTP status of `path`, None while nothing answers."""
+        try:
+            return self.get(path)[0]
+        except OSError:
+            return None
+
+    def metric(self, name: str, **labels: str) -> Optional[float]:
+        """One sample of /metrics (None when absent), e.g.
+        metric("kpm_errors_total", stage="fetch")."""
+        _, text = self.get("/metrics")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    return sample.value
+        return None
+
+    def log(self) -> list[dict]:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return json_lines(self._stderr.read())
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL if still running; idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._stderr.close()
 
 
 class Node:
@@ -66,14 +169,46 @@ class Node:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.api = ApiServer(sock=sock).start()
+        self.api_address = self.api.address     # still known once the server is stopped
+        self.daemons: list[Daemon] = []
 
     def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.kill()
         self.api.stop()
 
-    def reconcile(self, *flags: str, timeout: float = 60) -> Result:
-        argv = ["ip", "netns", "exec", self.netns, sys.executable, str(REPO / "reconcile.py"),
-                "--node-name", NODE, "--api-server", self.api.url,
+    def stop_api(self) -> None:
+        """The API server goes away: connections to its port are refused."""
+        self.api.stop()
+
+    def restart_api(self) -> ApiServer:
+        """A new, empty API server on the same address (the old one is stopped
+        first); give it its objects again with set_state()."""
+        host, port = self.api_address
+        self.api.stop()
+        with inside(self.netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.api = ApiServer(sock=sock).start()
+        return self.api
+
+    def start_daemon(self, *flags: str, metrics_port: int = METRICS_PORT) -> Daemon:
+        """reconcile.py in its loop (not --once) in the background; close() kills it."""
+        daemon = Daemon(self.netns, self.reconcile_argv("--metrics-port", str(metrics_port),
+                                                        *flags), metrics_port)
+        self.daemons.append(daemon)
+        return daemon
+
+    def reconcile_argv(self, *flags: str) -> list[str]:
+        """The command line reconcile() runs, for a test that starts it itself."""
+        host, port = self.api_address
+        return ["ip", "netns", "exec", self.netns, sys.executable, str(REPO / "reconcile.py"),
+                "--node-name", NODE, "--api-server", f"http://{host}:{port}",
                 "--iptables-backend", self.backend, *flags]
+
+    def reconcile(self, *flags: str, timeout: float = 60) -> Result:
+        argv = self.reconcile_argv(*flags)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
         return Result(done.returncode, done.stdout, done.stderr)
 

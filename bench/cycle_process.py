@@ -1,0 +1,132 @@
+"""One reconcile cycle in a process of its own, reporting what it cost as JSON.
+
+The benchmark runs this inside the node's network namespace (`ip netns exec`),
+as the DaemonSet runs in the host's: the same calls as `reconcile.py --once`
+(config, ApiClient, Kernel, run_cycle), plus what a benchmark wants to know
+and the log line does not say. Its peak memory is read right after the
+cycle, before the comparisons below run.
+
+    python -m bench.cycle_process --api-server URL --node NODE --backend nft \
+        [--full-rewrite] [--time-saves] [--profile FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+
+SAVE_REPEATS = 3
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory since it started its program.
+
+    Not getrusage's ru_maxrss: a process started by fork or vfork carries
+    its parent's resident size at exec into that figure."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("/proc/self/status: no VmHWM line")
+
+
+def _payload_lines(payload: str, verb: str) -> int:
+    return sum(1 for line in payload.splitlines() if line.startswith(verb + " "))
+
+
+def _plan_summary(the_plan) -> dict:
+    if the_plan is None:
+        return {}
+    ipset = the_plan.ipset_prepare + the_plan.ipset_cleanup
+    return {
+        "changes": dict(Counter(c.kind for c in the_plan.changes)),
+        "drift": sum(1 for c in the_plan.changes if c.drift),
+        "members_added": _payload_lines(ipset, "add"),
+        "members_removed": _payload_lines(ipset, "del"),
+        "sets_created": _payload_lines(ipset, "create"),
+        "sets_destroyed": _payload_lines(ipset, "destroy"),
+        "iptables_payload_lines": sum(p.count("\n") for p in list(the_plan.iptables.values())
+                                      + list(the_plan.iptables_cleanup.values())),
+    }
+
+
+def _time_saves(kern) -> dict:
+    """Best of a few runs of the bare binaries the read stage runs, started
+    without any wrapper: the floor of what reading the state can cost."""
+    from lib import kernel
+
+    def best(argv) -> float:
+        times = []
+        for _ in range(SAVE_REPEATS):
+            start = time.perf_counter()
+            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True,
+                           timeout=kernel.DEFAULT_TIMEOUT)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    iptables = sum(best([kernel.save_binary(kern.backend, f), "-t", "filter"]) for f in kern.families)
+    return {"iptables_save": iptables, "ipset_save": best(["ipset", "save"])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cycle_process")
+    p.add_argument("--api-server", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--backend", choices=("nft", "legacy"), default="nft")
+    p.add_argument("--full-rewrite", action="store_true",
+                   help="after the cycle, also write the whole state the full-rewrite way")
+    p.add_argument("--time-saves", action="store_true",
+                   help="after the cycle, time iptables-save and ipset save of the state")
+    p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the cycle here")
+    args = p.parse_args(argv)
+
+    from bench import fullsync
+    from lib import cycle, kernel, kubeapi, logs
+    logs.setup("WARNING")
+    api = kubeapi.ApiClient(kubeapi.load_config(api_server=args.api_server))
+    kern = kernel.Kernel(args.backend)
+
+    profiler = cProfile.Profile() if args.profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    report = cycle.run_cycle(api.list_cluster, kern, args.node, problem_log=cycle.ProblemLog())
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+    wall = time.perf_counter() - start
+    rss_kb = peak_rss_kb()
+    stats = report.apply_stats
+    c = report.counts
+    out = {
+        "ok": report.ok, "failed_stage": report.failed_stage, "error": report.error,
+        "seconds": report.seconds, "wall": wall,
+        "counts": {"policies": c.policies, "local_pods": c.local_pods, "rules": c.rules,
+                   "sets": c.sets, "set_members": c.set_members},
+        "problems": len(report.cluster.problems) if report.cluster else 0,
+        "apply": {"processes": stats.processes if stats else 0,
+                  "iptables_lines": stats.iptables_lines if stats else 0,
+                  "ipset_lines": stats.ipset_lines if stats else 0,
+                  "steps": list(stats.seconds) if stats else []},
+        "plan": _plan_summary(report.plan),
+        "api_requests": report.api_requests, "api_bytes": report.api_bytes,
+        "rss_kb": rss_kb,
+    }
+    if report.ok and args.full_rewrite:
+        cost = fullsync.sync(report.desired, kern.backend, kern.families)
+        out["full"] = {"render": cost.render_seconds, "apply": cost.apply_seconds,
+                       "iptables_lines": cost.iptables_lines, "ipset_lines": cost.ipset_lines,
+                       "steps": list(cost.steps)}
+    if report.ok and args.time_saves:
+        out["saves"] = _time_saves(kern)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

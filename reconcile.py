@@ -112,6 +112,21 @@ def parse_args(argv):
     p.add_argument("--no-conntrack-cleanup", dest="conntrack_cleanup", action="store_false",
                    help="after an apply, do not delete the conntrack entries of connections the "
                         "new rules refuse (by default they are cut)")
+    p.add_argument("--log-drops", action="store_true",
+                   help='log refused packets of every isolated pod; without it only pods whose '
+                        'NetworkPolicy or Namespace has kube-policy-manager/log-drops: "true"')
+    p.add_argument("--log-drops-target", choices=("nflog", "log"), default="nflog",
+                   help="nflog (default; read with ulogd) or log (kernel log)")
+    p.add_argument("--log-drops-group", type=int, default=100, metavar="N",
+                   help="NFLOG group (default 100)")
+    p.add_argument("--log-drops-rate", type=int, default=10, metavar="PER_MINUTE",
+                   help="log lines a minute per pod and direction (default 10)")
+    p.add_argument("--log-drops-burst", type=int, default=5, metavar="N", help="burst (default 5)")
+    p.add_argument("--isolate-new-pods", action="store_true",
+                   help="refuse traffic to and from addresses of this node's pod CIDRs that no "
+                        "cycle has seen as a pod yet")
+    p.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
+                   help="this node's pod range, repeatable (default: the Node's spec.podCIDRs)")
     p.add_argument("--metrics-port", type=int, default=9101, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz on this port in the loop (0: off)")
     _log_flag(p, suppress=False)
@@ -225,6 +240,24 @@ def status_command(args, log) -> int:
     return EXIT_OK if node.in_sync else EXIT_PENDING
 
 
+def compile_options(args, api, log):
+    """Drop logging and new-pod isolation; the pod ranges come from the Node
+    object when --pod-cidr is not given."""
+    from lib import objects
+    from lib.compile import CompileOptions
+    pod_cidrs = tuple(args.pod_cidr)
+    if args.isolate_new_pods and not pod_cidrs:
+        pod_cidrs, problems = objects.parse_node_pod_cidrs(api.get_node(args.node_name))
+        for p in problems:
+            log.warning(str(p), extra={"event": "invalid-object", "kind": p.kind,
+                                       "object": p.object, "field": p.field})
+    return CompileOptions(
+        log_drops=args.log_drops, log_target=args.log_drops_target,
+        log_group=args.log_drops_group, log_rate=args.log_drops_rate,
+        log_burst=args.log_drops_burst, isolate_new_pods=args.isolate_new_pods,
+        pod_cidrs=pod_cidrs)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -253,17 +286,20 @@ def main(argv=None) -> int:
             return EXIT_OK
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
         api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
+        options = compile_options(args, api, log)
     except Exception as exc:  # noqa: BLE001 - start-up errors end the program with a clear line
         log.error(f"start-up failed: {exc}", extra={"event": "startup-error"})
         return EXIT_ERROR
 
     problems = cycle.ProblemLog()
+    last = cycle.LastCompiled()
     fetch = api.list_cluster
 
     def one_cycle(dry_run=False):
         # `fetch` is read at call time: watch mode swaps in its cache.
         return cycle.run_cycle(fetch, kern, args.node_name, dry_run, problems,
-                               conntrack_cleanup=args.conntrack_cleanup)
+                               conntrack_cleanup=args.conntrack_cleanup, last=last,
+                               options=options)
 
     if args.once:
         report = one_cycle(args.dry_run)

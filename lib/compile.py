@@ -3,10 +3,26 @@
 The layout (top chains, one chain per isolated local pod, peer sets) is the
 one of docs/design.md. Peer sets are named by their content so that editing
 a policy never changes the members of a set an older rule still uses.
+
+Two opt-in additions, chosen with CompileOptions:
+
+- drop logging: an NFLOG (or LOG) rule, rate-limited, just before a pod
+  chain's REJECT rules; it does not end the walk, so no verdict changes;
+- isolating new pods: an address inside this node's pod ranges that no
+  cycle has seen as a local pod is refused, as source and as destination,
+  so a pod that starts between two cycles has no network rather than an
+  open one. Known pods are recognised in two ways, each hitless in the
+  apply order: pods without chains through the set KPM-L4-/KPM-L6- (its
+  members are added in the first apply step, before any rule changes),
+  isolated pods through a rule per address written in the same
+  iptables-restore transaction as their chains, so that an isolated pod
+  never passes as known before its chains exist.
 """
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule, Problem
@@ -18,7 +34,76 @@ FORWARD_CHAIN = PREFIX + "FORWARD"
 INPUT_CHAIN = PREFIX + "INPUT"
 INGRESS_CHAIN_PREFIX = PREFIX + "I-"
 EGRESS_CHAIN_PREFIX = PREFIX + "E-"
+LOCAL_SRC_CHAIN = PREFIX + "LOCAL-SRC"     # source inside this node's pod ranges: known?
+LOCAL_DST_CHAIN = PREFIX + "LOCAL-DST"     # destination likewise
+UNKNOWN_CHAIN = PREFIX + "UNKNOWN"         # refuses what the two above did not recognise
 ND_TYPES = (133, 134, 135, 136, 137)   # router/neighbour solicitation and advertisement, redirect
+
+NFLOG, LOG = "nflog", "log"
+LOG_TARGETS = (NFLOG, LOG)
+# Longest prefixes the kernel keeps: iptables-legacy silently cuts longer
+# ones (NFLOG keeps 63 characters, LOG 29), which could cut off our hash.
+PREFIX_MAX = {NFLOG: 63, LOG: 29}
+DROP_PREFIX = "KPM DROP"
+MAX_LOG_RATE = 10000                   # iptables' own bound for --limit and --limit-burst
+_PREFIX_SAFE = re.compile(r"[A-Za-z0-9._/:-]+")
+_PREFIX_HASH = 6                       # hex characters added to a cut or altered name
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What the node asks for beyond the NetworkPolicy API. The default is
+    the plain enforcer; annotations ask for drop logging on their own.
+
+    log_drops: log the refusals of every isolated local pod (and, with
+      isolate_new_pods, of unknown addresses); without it, only pods whose
+      Namespace or applying NetworkPolicy carries the log-drops annotation.
+    log_target: NFLOG (read by ulogd or any nfnetlink_log listener) or LOG
+      (the kernel log; in a network namespace other than the host's it
+      writes only when the host allows it, net.netfilter.nf_log_all_netns).
+    log_group: the NFLOG group.
+    log_rate / log_burst: at most log_rate lines a minute per pod chain,
+      after a burst of log_burst.
+    isolate_new_pods / pod_cidrs: refuse traffic to and from addresses in
+      this node's pod ranges (pod_cidrs, either family) that are not a
+      known local pod.
+    """
+    log_drops: bool = False
+    log_target: str = NFLOG
+    log_group: int = 100
+    log_rate: int = 10
+    log_burst: int = 5
+    isolate_new_pods: bool = False
+    pod_cidrs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.log_target not in LOG_TARGETS:
+            raise ValueError(f"log target {self.log_target!r}: must be one of {', '.join(LOG_TARGETS)}")
+        for name, low, high in (("log group", 0, 65535), ("log rate", 1, MAX_LOG_RATE),
+                                ("log burst", 1, MAX_LOG_RATE)):
+            value = getattr(self, name.replace(" ", "_"))
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} {value!r}: must be an integer from {low} to {high}")
+        cidrs = []
+        for text in self.pod_cidrs:
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except (TypeError, ValueError):
+                raise ValueError(f"pod CIDR {text!r}: not a network in CIDR form") from None
+            if net.prefixlen == 0:
+                raise ValueError(f"pod CIDR {text}: covers every address; give this node's own "
+                                 "pod range")
+            if str(net) not in cidrs:
+                cidrs.append(str(net))
+        object.__setattr__(self, "pod_cidrs", tuple(cidrs))
+        if self.isolate_new_pods and not cidrs:
+            raise ValueError("isolating new pods needs this node's pod CIDRs")
+
+    def cidrs(self, family: int) -> tuple[str, ...]:
+        return tuple(c for c in self.pod_cidrs if ipaddress.ip_network(c).version == family)
+
+
+DEFAULT_OPTIONS = CompileOptions()
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -33,6 +118,38 @@ def pod_chain_name(pod: Pod, direction: str) -> str:
     """Stable per pod, so a policy change rewrites only the chains of the pods it selects."""
     prefix = INGRESS_CHAIN_PREFIX if direction == INGRESS else EGRESS_CHAIN_PREFIX
     return prefix + short_hash(pod.key)
+
+
+def local_set_name(family: int) -> str:
+    """Stable, not content-addressed: adding a pod changes only its members."""
+    return f"{PREFIX}L{family}-" + short_hash("local pods", str(family))
+
+
+def log_prefix(what: str, subject: str, target: str) -> str:
+    """`KPM DROP <what> <subject> `, within the target's limit and in a safe
+    alphabet. A subject that had to be cut or altered keeps its start and
+    gains a hash of its full text, so that two pods never share a prefix."""
+    limit = PREFIX_MAX[target]
+    head = f"{DROP_PREFIX} {what} " if subject else f"{DROP_PREFIX} {what}"
+    if not subject:
+        return head[:limit - 1] + " "
+    if _PREFIX_SAFE.fullmatch(subject) and len(head) + len(subject) + 1 <= limit:
+        return f"{head}{subject} "
+    mark = "~" + short_hash(subject, length=_PREFIX_HASH)
+    room = max(0, limit - len(head) - len(mark) - 1)
+    kept = re.sub(r"[^A-Za-z0-9._/:-]", "_", subject)[:room]
+    return f"{head}{kept}{mark} "
+
+
+def log_rule(options: CompileOptions, prefix: str, text: str) -> Rule:
+    """Rate-limited and non-terminating: the packet goes on to the REJECT that follows."""
+    limit = ("-m", "limit", "--limit", f"{options.log_rate}/minute",
+             "--limit-burst", str(options.log_burst))
+    if options.log_target == LOG:
+        target = ("-j", "LOG", "--log-prefix", prefix)
+    else:
+        target = ("-j", "NFLOG", "--nflog-group", str(options.log_group), "--nflog-prefix", prefix)
+    return Rule(limit + target, text)
 
 
 def net_set_name(namespace: str, peers: tuple[Peer, ...], family: int) -> str:
@@ -225,15 +342,19 @@ class _Compiler:
         return out
 
     def pod_chain(self, pod: Pod, direction: str, policies: list[NetworkPolicy],
-                  family: int) -> Chain:
+                  family: int, log: Optional[Rule] = None) -> Chain:
         rules: list[Rule] = []
         for policy in policies:
             rules.extend(self.policy_rules(policy, direction, pod, family))
-        rules.append(Rule(("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"),
-                          f"{pod.key} reject"))
-        rules.append(Rule(("-j", "REJECT", "--reject-with", _UNREACHABLE[family]),
-                          f"{pod.key} reject"))
+        if log is not None:
+            rules.append(log)
+        rules.extend(_rejects(family, f"{pod.key} reject"))
         return Chain(pod_chain_name(pod, direction), tuple(rules))
+
+
+def _rejects(family: int, text: str) -> list[Rule]:
+    return [Rule(("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"), text),
+            Rule(("-j", "REJECT", "--reject-with", _UNREACHABLE[family]), text)]
 
 
 def _port_match(port: PolicyPort, pod: Pod) -> Optional[tuple[str, ...]]:
@@ -270,12 +391,15 @@ HOOKS = (
 )
 
 
-def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = None) -> DesiredState:
+def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = None,
+                 options: CompileOptions = DEFAULT_OPTIONS) -> DesiredState:
     """The filter state of `node`. Pass `index` to share one index between
-    several nodes' compilations of the same cluster."""
+    several nodes' compilations of the same cluster; `options` for what the
+    node asks for beyond the NetworkPolicy API (the default: nothing)."""
     index = index or ClusterIndex(cluster)
     comp = _Compiler(index)
     local = [p for p in index.pods if p.node == node]      # non-host-network, in pod order
+    logged_namespaces = {ns.name for ns in index.cluster.namespaces if ns.log_drops}
     isolated: list[tuple[Pod, list[NetworkPolicy], list[NetworkPolicy]]] = []
     for pod in local:
         applying = index.policies_for(pod)
@@ -284,36 +408,87 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
         if ingress or egress:
             isolated.append((pod, ingress, egress))
 
+    def drop_log(pod: Pod, direction: str, policies: list[NetworkPolicy]) -> Optional[Rule]:
+        if not (options.log_drops or pod.namespace in logged_namespaces
+                or any(p.log_drops for p in policies)):
+            return None
+        what = "in" if direction == INGRESS else "out"
+        return log_rule(options, log_prefix(what, pod.key, options.log_target),
+                        f"{pod.key} log {_DIRECTION[direction]} drops")
+
     families = {}
     for family in (4, 6):
         chains: list[Chain] = []
         egress_dispatch: list[Rule] = []
         ingress_dispatch: list[Rule] = []
+        with_chains: list[tuple[Pod, tuple[Address, ...]]] = []
         for pod, ingress, egress in isolated:
             addrs = comp.addresses(pod, family)
             if not addrs:
                 continue
+            with_chains.append((pod, addrs))
             if egress:
-                chain = comp.pod_chain(pod, EGRESS, egress, family)
+                chain = comp.pod_chain(pod, EGRESS, egress, family, drop_log(pod, EGRESS, egress))
                 chains.append(chain)
                 egress_dispatch.extend(
                     Rule(("-s", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
                          f"{pod.key} egress dispatch") for a in addrs)
             if ingress:
-                chain = comp.pod_chain(pod, INGRESS, ingress, family)
+                chain = comp.pod_chain(pod, INGRESS, ingress, family, drop_log(pod, INGRESS, ingress))
                 chains.append(chain)
                 ingress_dispatch.extend(
                     Rule(("-d", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
                          f"{pod.key} ingress dispatch") for a in addrs)
         top = _top_rules(family)
-        chains.append(Chain(FORWARD_CHAIN, tuple(top + egress_dispatch + ingress_dispatch)))
-        chains.append(Chain(INPUT_CHAIN, tuple(top + egress_dispatch)))
+        forward = top + egress_dispatch + ingress_dispatch
+        incoming = top + egress_dispatch
+        cidrs = options.cidrs(family) if options.isolate_new_pods else ()
+        if cidrs:
+            isolated_keys = {pod.key for pod, _ in with_chains}
+            known = frozenset(t for pod in local if pod.key not in isolated_keys
+                              for t in comp.address_texts(pod, family))
+            local_set = IpSet(local_set_name(family), HASH_NET, family, known)
+            comp.sets[local_set.name] = local_set
+            chains += _unknown_chains(family, with_chains, local_set.name, options)
+            forward += [Rule(("-s", c, "-j", LOCAL_SRC_CHAIN), f"source in pod range {c}")
+                        for c in cidrs]
+            forward += [Rule(("-d", c, "-j", LOCAL_DST_CHAIN), f"destination in pod range {c}")
+                        for c in cidrs]
+            # The node's own traffic to itself comes back in on lo, from any
+            # of its addresses, a gateway address inside a pod range included.
+            incoming += [Rule(("-i", "lo", "-j", "RETURN"), "the node to itself")]
+            incoming += [Rule(("-s", c, "-j", LOCAL_SRC_CHAIN), f"source in pod range {c}")
+                         for c in cidrs]
+        chains.append(Chain(FORWARD_CHAIN, tuple(forward)))
+        chains.append(Chain(INPUT_CHAIN, tuple(incoming)))
         families[family] = FamilyState(family, tuple(sorted(chains, key=lambda c: c.name)), HOOKS)
 
     used = {arg for fam in families.values() for c in fam.chains for r in c.rules
             for arg in r.args if arg in comp.sets}
     sets = tuple(comp.sets[name] for name in sorted(used))
     return DesiredState(v4=families[4], v6=families[6], sets=sets)
+
+
+def _unknown_chains(family: int, with_chains: list[tuple[Pod, tuple[Address, ...]]],
+                    local_set: str, options: CompileOptions) -> list[Chain]:
+    """KPM-LOCAL-SRC / -DST return for a known local pod and send anything
+    else to KPM-UNKNOWN. Pods with chains are listed by address, in the same
+    transaction as their chains; the others are in the set."""
+    out = []
+    for name, flag, side, what in ((LOCAL_SRC_CHAIN, "-s", "src", "source"),
+                                   (LOCAL_DST_CHAIN, "-d", "dst", "destination")):
+        rules = [Rule((flag, f"{a}/{_HOST_LEN[family]}", "-j", "RETURN"), f"{pod.key} known")
+                 for pod, addrs in with_chains for a in addrs]
+        rules.append(Rule(("-m", "set", "--match-set", local_set, side, "-j", "RETURN"),
+                          "known pods without chains"))
+        rules.append(Rule(("-j", UNKNOWN_CHAIN), f"unknown {what}"))
+        out.append(Chain(name, tuple(rules)))
+    refuse = _rejects(family, "unknown address reject")
+    if options.log_drops:
+        refuse.insert(0, log_rule(options, log_prefix("unknown", "", options.log_target),
+                                  "log unknown address drops"))
+    out.append(Chain(UNKNOWN_CHAIN, tuple(refuse)))
+    return out
 
 
 def named_port_problems(cluster: Cluster, index: Optional[ClusterIndex] = None) -> tuple[Problem, ...]:

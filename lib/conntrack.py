@@ -14,8 +14,10 @@ destination NAT chose (the source of the reply tuple), as the FORWARD chain
 sees it.
 
 Listing the table costs one process per family and a parse of every entry, so
-cleanup runs only after a cycle that applied changes, never on idle cycles: a
-policy can only start refusing a flow through a change that we apply.
+cleanup runs only after a cycle that applied changes that may narrow (see
+lib.cycle.may_narrow), never on idle cycles: a policy can only start refusing
+a flow through a change that we apply, and adding members to our sets never
+refuses one.
 """
 from __future__ import annotations
 

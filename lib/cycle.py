@@ -2,9 +2,17 @@
 
 Each stage is timed; a failing stage ends the cycle before anything is
 written (or, in apply, before the next step), so the rules in force stay.
+
+A process that runs many cycles passes a LastCompiled: while the API
+returns the same objects (same identities and resourceVersions), parse and
+compile are skipped and the previous Cluster and DesiredState reused, so an
+idle cycle costs the fetch, the kernel read and the diff. The kernel is
+read and diffed every cycle all the same: drift is found whatever the API
+says.
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -14,6 +22,7 @@ from lib import conntrack, logs, objects, plan as planner
 from lib.model import Cluster, Problem
 from lib.plan import KernelState, Plan
 from lib.ruleset import DesiredState, FamilyState
+from lib.selectors import ClusterIndex
 
 STAGES = ("fetch", "parse", "compile", "read", "diff", "apply")
 
@@ -42,6 +51,7 @@ class CycleReport:
     cluster: Optional[Cluster] = None
     desired: Optional[DesiredState] = None
     kernel: Optional[KernelState] = None             # as read before the diff
+    reused: bool = False                             # parse and compile skipped: same objects
 
     @property
     def changes(self) -> int:
@@ -74,6 +84,86 @@ def only_families(desired: DesiredState, families) -> DesiredState:
         sets=tuple(s for s in desired.sets if s.family in families))
 
 
+# kind, and the ClusterObjects list of that kind
+_LISTS = (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies"))
+
+
+def fingerprint(fetched) -> Optional[tuple]:
+    """The identity and version of every fetched object, in the order
+    served: equal fingerprints mean the API served the same objects, as the
+    API server gives an object a new resourceVersion on every change. None
+    when an object has no resourceVersion: nothing then shows it unchanged."""
+    items = []
+    for kind, attr in _LISTS:
+        for obj in getattr(fetched, attr):
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+            if not isinstance(version, str) or not version:
+                return None
+            items.append((kind, meta.get("namespace"), meta.get("name"), meta.get("uid"), version))
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What parse and compile made of one read of the API, and everything
+    they depended on (`key`: the objects' fingerprint, the node, the
+    families the kernel holds)."""
+    key: tuple
+    cluster: Cluster
+    desired: DesiredState
+    problems: tuple[Problem, ...]     # of the objects, and named ports nothing declares
+
+
+class LastCompiled:
+    """The previous cycle's Compiled, kept by a process for its next cycle.
+    It is dropped before a recompilation, so that two clusters are never
+    held at once."""
+
+    def __init__(self) -> None:
+        self.compiled: Optional[Compiled] = None
+
+
+def may_narrow(the_plan: Plan, desired: DesiredState) -> bool:
+    """Whether applying the plan can make the node refuse a flow it allowed,
+    which is when the conntrack entries of refused flows must be cut.
+
+    A plan cannot narrow when all it does is create sets and add members to
+    them, and every rule of ours that matches a set RETURNs (allows) on a
+    match: a new member then only allows more, and a new set is referenced
+    by no rule yet. Anything else may narrow: an iptables payload (a
+    rewritten chain loses RETURN rules or gains a pod's isolation, a hook
+    restored after someone removed it puts every pod under policy again, a
+    deleted or added chain comes with such rewrites), members deleted, sets
+    destroyed, or a set recreated with another type (the `destroy` lines of
+    the prepare payload)."""
+    if any(the_plan.iptables.values()) or any(the_plan.iptables_cleanup.values()):
+        return True
+    if the_plan.ipset_cleanup:
+        return True
+    if any(not line.startswith(("create ", "add "))
+           for line in the_plan.ipset_prepare.splitlines() if line.strip()):
+        return True
+    return not _sets_only_allow(desired)
+
+
+def _sets_only_allow(desired: DesiredState) -> bool:
+    """Every rule matching a set jumps to RETURN: a member more allows more."""
+    for family in (desired.v4, desired.v6):
+        for chain in family.chains:
+            for rule in chain.rules:
+                if "--match-set" in rule.args and _jump(rule.args) != "RETURN":
+                    return False
+    return True
+
+
+def _jump(args: tuple) -> Optional[str]:
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("-j", "--jump", "-g", "--goto"):
+            return args[i + 1]
+    return None
+
+
 class ProblemLog:
     """Logs each problem once while it persists, so a bad object does not
     flood the log every interval, and says when it is gone."""
@@ -95,8 +185,31 @@ class ProblemLog:
 
 def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
               problem_log: Optional[ProblemLog] = None,
-              conntrack_cleanup: bool = True) -> CycleReport:
-    """Run the pipeline once. `fetch()` returns lib.kubeapi.ClusterObjects."""
+              conntrack_cleanup: bool = True,
+              last: Optional[LastCompiled] = None,
+              options: "compiler.CompileOptions" = compiler.DEFAULT_OPTIONS) -> CycleReport:
+    """Run the pipeline once. `fetch()` returns lib.kubeapi.ClusterObjects.
+    With `last`, parse and compile are skipped when the objects are those
+    of the previous cycle, and `last` is updated for the next one.
+
+    The cyclic garbage collector is paused meanwhile. A cycle allocates
+    about a million containers (the decoded API lists, the parsed kernel
+    state) that reference counting frees, and each automatic full
+    collection they trigger walks every live object, a kept cluster
+    included: at 10,000 pods that was half of an idle cycle. The few
+    reference cycles a cycle leaves are collected once it is over."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, last,
+                          options)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, last,
+               options) -> CycleReport:
     seconds: dict[str, float] = {}
     state: dict[str, object] = {}
 
@@ -112,15 +225,31 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
     try:
         fetched = stage("fetch", fetch)
         state["api"] = fetched
-        cluster = stage("parse", lambda: objects.parse_cluster(
-            fetched.namespaces, fetched.pods, fetched.policies))
-        state["cluster"] = cluster
-        desired = stage("compile", lambda: only_families(
-            compiler.compile_node(cluster, node), getattr(kernel, "families", (4, 6))))
-        state["desired"] = desired
-        problems = cluster.problems + compiler.named_port_problems(cluster)
+        families = tuple(getattr(kernel, "families", (4, 6)))
+
+        def recognise_or_parse():
+            prints = fingerprint(fetched) if last is not None else None
+            key = (prints, node, families)
+            if prints is not None and last.compiled is not None and last.compiled.key == key:
+                return key, last.compiled, None
+            if last is not None:
+                last.compiled = None          # freed before the next one is built
+            return key, None, objects.parse_cluster(
+                fetched.namespaces, fetched.pods, fetched.policies)
+
+        key, compiled, parsed = stage("parse", recognise_or_parse)
+        state["reused"] = compiled is not None
+        if compiled is None:
+            state["cluster"] = parsed
+            compiled = stage("compile", lambda: _compile(key, parsed, node, options))
+            if last is not None and key[0] is not None:
+                last.compiled = compiled
+        else:
+            seconds["compile"] = 0.0
+        cluster, desired = compiled.cluster, compiled.desired
+        state["cluster"], state["desired"] = cluster, desired
         if problem_log is not None:
-            problem_log.update(problems)
+            problem_log.update(compiled.problems)
         current = stage("read", kernel.read)
         state["kernel"] = current
         the_plan = stage("diff", lambda: planner.diff(desired, current))
@@ -128,7 +257,7 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
         stats = None
         if not dry_run and not the_plan.empty:
             stats = stage("apply", lambda: kernel.apply(the_plan))
-            if conntrack_cleanup:
+            if conntrack_cleanup and may_narrow(the_plan, desired):
                 _cut_refused_connections(kernel, cluster, node, seconds)
     except StageError as err:
         report = _report(False, seconds, state, node, failed_stage=err.stage, error=str(err.cause))
@@ -141,9 +270,20 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
     return report
 
 
+def _compile(key: tuple, cluster: Cluster, node: str,
+             options: "compiler.CompileOptions" = compiler.DEFAULT_OPTIONS) -> Compiled:
+    """The node's desired state and the problems compiling finds, on one
+    index of the cluster shared by both."""
+    index = ClusterIndex(cluster)
+    desired = only_families(compiler.compile_node(cluster, node, index, options), key[2])
+    problems = cluster.problems + compiler.named_port_problems(cluster, index)
+    return Compiled(key, cluster, desired, problems)
+
+
 def _cut_refused_connections(kernel, cluster, node, seconds) -> None:
-    """After an apply, connections the new rules refuse must not live on through
-    conntrack. Never fails the cycle: the rules are already in force."""
+    """After an apply that may narrow, connections the new rules refuse must
+    not live on through conntrack. Never fails the cycle: the rules are
+    already in force."""
     ct = conntrack.cleanup(kernel, cluster, node)
     seconds["conntrack"] = ct.seconds
     fields = {"event": "conntrack-cleanup", **ct.log_fields()}
@@ -165,6 +305,7 @@ def _report(ok, seconds, state, node, **kw) -> CycleReport:
         applied=kw.get("applied", False), apply_stats=kw.get("stats"),
         api_requests=getattr(api, "requests", 0), api_bytes=getattr(api, "bytes", 0),
         cluster=cluster, desired=desired, kernel=state.get("kernel"),
+        reused=bool(state.get("reused")),
     )
 
 
@@ -181,5 +322,6 @@ def _log_cycle(report: CycleReport, dry_run: bool) -> None:
         "policies": c.policies, "local_pods": c.local_pods, "rules": c.rules,
         "sets": c.sets, "set_members": c.set_members,
         "changes": report.changes, "drift": drift, "applied": report.applied,
+        "reused": report.reused,
         "api_requests": report.api_requests, "api_bytes": report.api_bytes,
     })

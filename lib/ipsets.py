@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Optional
 
 from lib.ruleset import HASH_IP_PORT, HASH_NET, PREFIX, IpSet
 
@@ -56,10 +57,44 @@ def _ip_port(member: str) -> str:
     return f"{ip.compressed},{proto}:{number}"
 
 
+# IPv4 members exactly as ipaddress (and ipset) print them: octets up to 255
+# without leading zeros, a prefix of 1 to 31 (a /32 is printed bare), a
+# lower-case protocol and a port without leading zeros.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_QUAD = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_PRINTED_NET = re.compile(rf"({_QUAD})(?:/([1-9]|[12][0-9]|3[01]))?")
+_PRINTED_IP_PORT = re.compile(rf"{_QUAD},(?:{'|'.join(_PORT_PROTOCOLS)}):(0|[1-9][0-9]{{0,4}})")
+
+
+def _v4_int(text: str) -> int:
+    a, b, c, d = text.split(".")
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+
+
+def _printed(kind: str, member: str) -> bool:
+    """Whether `member` is already in the form canonical_member returns, for
+    the IPv4 forms `ipset save` prints: those need no ipaddress round trip.
+    Anything else, IPv6 included, takes the full path."""
+    if kind == HASH_NET:
+        m = _PRINTED_NET.fullmatch(member)
+        if m is None:
+            return False
+        if m.group(2) is None:
+            return True
+        host_bits = 32 - int(m.group(2))
+        return _v4_int(m.group(1)) & ((1 << host_bits) - 1) == 0
+    if kind == HASH_IP_PORT:
+        m = _PRINTED_IP_PORT.fullmatch(member)
+        return m is not None and int(m.group(1)) <= 65535
+    return False
+
+
 def canonical_member(kind: str, member: str) -> str:
     """The member as `ipset save` prints it: host networks as bare addresses,
     host bits cleared, IPv6 compressed, protocol in lower case."""
     member = member.strip(_ASCII_SPACE)
+    if _printed(kind, member):
+        return member
     if kind == HASH_NET:
         return _net(member)
     if kind == HASH_IP_PORT:
@@ -71,6 +106,10 @@ def _shown(line: str) -> str:
     return line if len(line) <= _MAX_SHOWN else line[:_MAX_SHOWN] + "..."
 
 
+def _line_error(lineno: int, raw: str, why: str) -> IpsetParseError:
+    return IpsetParseError(f"ipset save line {lineno}: {why}: {_shown(raw)!r}")
+
+
 def parse_save(text: str) -> dict[str, IpSet]:
     """Our sets (named PREFIX...) from `ipset save` output; other sets are
     skipped after a structural check.
@@ -79,49 +118,63 @@ def parse_save(text: str) -> dict[str, IpSet]:
     write them. A member of ours that cannot be canonicalized is kept as
     printed, so the diff sees it as stale and deletes it rather than the
     whole cycle failing on one odd entry someone added.
+
+    The same address is a member of many sets (a pod is a peer of many
+    rules), so each distinct member is canonicalized once per call.
     """
     kinds: dict[str, str] = {}
     families: dict[str, int] = {}
     members: dict[str, set[str]] = {}
+    canonical: dict[str, dict[str, str]] = {}    # kind -> member as printed -> canonical
+    # The set of the previous add line: ipset prints a set's members together.
+    name_of_last = kind_of_last = None
+    into: Optional[set[str]] = None
     for lineno, raw in enumerate(text.split("\n"), 1):
-        line = raw.strip(_ASCII_SPACE)
-        if not line or line.startswith("#"):
-            continue
-        fields = _FIELDS.split(line)
-
-        def error(why: str) -> IpsetParseError:
-            return IpsetParseError(f"ipset save line {lineno}: {why}: {_shown(raw)!r}")
-
-        if fields[0] == "create":
+        if (raw.startswith("add ") and "\t" not in raw and "  " not in raw
+                and raw[-1] not in _ASCII_SPACE):
+            fields = raw.split(" ")           # what _FIELDS makes of such a line, quicker
+        else:
+            line = raw.strip(_ASCII_SPACE)
+            if not line or line.startswith("#"):
+                continue
+            fields = _FIELDS.split(line)
+        if fields[0] == "add":
             if len(fields) < 3:
-                raise error("expected create NAME TYPE ...")
+                raise _line_error(lineno, raw, "expected add NAME MEMBER ...")
+            name, member = fields[1], fields[2]
+            if name != name_of_last:
+                if name not in kinds:
+                    raise _line_error(lineno, raw, f"member for undeclared set {name}")
+                name_of_last, kind_of_last = name, kinds[name]
+                into = members[name] if name.startswith(PREFIX) else None
+            if into is None:
+                continue
+            memo = canonical.setdefault(kind_of_last, {})
+            spelled = memo.get(member)
+            if spelled is None:
+                try:
+                    spelled = canonical_member(kind_of_last, member)
+                except IpsetParseError:
+                    spelled = member
+                memo[member] = spelled
+            into.add(spelled)
+        elif fields[0] == "create":
+            if len(fields) < 3:
+                raise _line_error(lineno, raw, "expected create NAME TYPE ...")
             name, kind = fields[1], fields[2]
             if name in kinds:
-                raise error(f"set {name} created twice")
+                raise _line_error(lineno, raw, f"set {name} created twice")
             options = fields[3:]
             family = 4
             if "family" in options:
                 i = options.index("family")
                 if i + 1 >= len(options) or options[i + 1] not in _FAMILIES:
-                    raise error("family must be inet or inet6")
+                    raise _line_error(lineno, raw, "family must be inet or inet6")
                 family = _FAMILIES[options[i + 1]]
             kinds[name], families[name] = kind, family
             members[name] = set()
-        elif fields[0] == "add":
-            if len(fields) < 3:
-                raise error("expected add NAME MEMBER ...")
-            name, member = fields[1], fields[2]
-            if name not in kinds:
-                raise error(f"member for undeclared set {name}")
-            if not name.startswith(PREFIX):
-                continue
-            try:
-                member = canonical_member(kinds[name], member)
-            except IpsetParseError:
-                pass
-            members[name].add(member)
         else:
-            raise error(f"unknown command {fields[0]}")
+            raise _line_error(lineno, raw, f"unknown command {fields[0]}")
     return {
         name: IpSet(name=name, kind=kinds[name], family=families[name],
                     members=frozenset(members[name]))

@@ -41,46 +41,32 @@ def _error(lineno: int, line: str, why: str) -> SaveParseError:
     return SaveParseError(f"iptables-save line {lineno}: {why}: {_shown(line)!r}")
 
 
+# One token, after any separators: either characters up to a quoted part,
+# which the closing quote ends (`ab"c d"` is `abc d`), or a run of plain ones.
+_TOKEN = re.compile(r'[ \t\n]*(?:([^ \t\n"]*)"((?:[^"\\]|\\.)*)"|([^ \t\n"]+))', re.DOTALL)
+_SEPARATORS = re.compile(r"[ \t\n]*")
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
 def tokenize(line: str) -> list[str]:
     """Split a rule line as iptables-restore does: whitespace separates,
     "..." groups (a closing quote ends the token), and inside quotes a
     backslash takes the next character literally (\\" \\' \\\\)."""
     tokens: list[str] = []
-    buf: list[str] = []
-    in_token = False
-    i, n = 0, len(line)
-    while i < n:
-        c = line[i]
-        if c == '"':
-            j = i + 1
-            while True:
-                if j >= n:
-                    raise ValueError("unterminated quote")
-                d = line[j]
-                if d == "\\":
-                    if j + 1 >= n:
-                        raise ValueError("unterminated quote")
-                    buf.append(line[j + 1])
-                    j += 2
-                elif d == '"':
-                    break
-                else:
-                    buf.append(d)
-                    j += 1
-            tokens.append("".join(buf))
-            buf, in_token = [], False
-            i = j + 1
-        elif c in " \t\n":
-            if in_token:
-                tokens.append("".join(buf))
-                buf, in_token = [], False
-            i += 1
+    pos, end = 0, len(line)
+    match = _TOKEN.match
+    while pos < end:
+        m = match(line, pos)
+        if m is None:
+            if _SEPARATORS.match(line, pos).end() == end:
+                break
+            raise ValueError("unterminated quote")
+        head, quoted, plain = m.groups()
+        if plain is not None:
+            tokens.append(plain)
         else:
-            buf.append(c)
-            in_token = True
-            i += 1
-    if in_token:
-        tokens.append("".join(buf))
+            tokens.append(head + (_ESCAPED.sub(r"\1", quoted) if "\\" in quoted else quoted))
+        pos = m.end()
     return tokens
 
 

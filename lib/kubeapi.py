@@ -23,6 +23,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -43,12 +44,14 @@ log = logging.getLogger(__name__)
 NAMESPACES = "/api/v1/namespaces"
 PODS = "/api/v1/pods"
 NETWORK_POLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
+NODES = "/api/v1/nodes"
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_LIST_RESTARTS = 3           # after a 410 Gone on a continue token
 MAX_EVENT_BYTES = 16 << 20      # one watch event line; etcd caps an object at 1.5 MiB
 WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")
 USER_AGENT = "kube-policy-manager"
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 class ApiError(Exception):
@@ -453,6 +456,25 @@ class ApiClient:
         return ClusterObjects(namespaces, pods, policies,
                               requests=self.request_count - requests_before,
                               bytes=self.byte_count - bytes_before)
+
+    def get_node(self, name: str) -> dict:
+        """The Node object `name` as the API sent it (lib/objects.py reads its
+        pod ranges), or ApiError."""
+        if not _NODE_NAME.fullmatch(name or ""):
+            raise ValueError(f"node name {name!r}: not a Kubernetes object name")
+        path, where = f"{NODES}/{name}", "for this node's pod CIDRs"
+        response = self._send(path, {}, where)
+        content = response.content
+        self.byte_count += len(content)
+        if response.status_code != 200:
+            raise self._status_error(path, where, response, content, verb="get")
+        try:
+            body = json.loads(content)
+        except ValueError as exc:
+            raise self._error(path, None, f"response is not JSON ({exc})", where=where) from None
+        if not isinstance(body, dict) or body.get("kind", "Node") != "Node":
+            raise self._error(path, None, "not a Node object", where=where)
+        return body
 
     def list(self, path: str) -> list[dict]:
         """Every item of the List at `path`, following continue tokens.

@@ -48,6 +48,7 @@ NOTHING = LabelSelector(match_nothing=True)
 class Namespace:
     name: str
     labels: Labels = ()
+    log_drops: bool = False          # annotation kube-policy-manager/log-drops: "true"
 
     @cached_property
     def label_map(self) -> dict[str, str]:
@@ -127,6 +128,7 @@ class NetworkPolicy:
     policy_types: frozenset[str]     # subset of {INGRESS, EGRESS}, defaulted as the API server does
     ingress: tuple[PolicyRule, ...] = ()
     egress: tuple[PolicyRule, ...] = ()
+    log_drops: bool = False          # annotation kube-policy-manager/log-drops: "true"
 
     @property
     def key(self) -> str:

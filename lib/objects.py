@@ -21,6 +21,10 @@ isolates:
 
 Pods and Namespaces are data for selectors: a bad label entry or container
 port is dropped on its own, with a Problem.
+
+The annotation `kube-policy-manager/log-drops` on a NetworkPolicy or a
+Namespace asks for the refusals it causes to be logged; it changes no
+verdict, so a value we cannot read is a Problem and means "no logging".
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from lib.model import (
 )
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+LOG_DROPS_ANNOTATION = "kube-policy-manager/log-drops"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 BOTH = frozenset((INGRESS, EGRESS))
@@ -203,6 +208,24 @@ def _labels(r: _Report, value: Any, path: str) -> dict[str, str]:
     return labels
 
 
+def _flag_annotation(r: _Report, meta: dict, key: str) -> bool:
+    """An opt-in annotation: "true" or "false" (any case); absent is false."""
+    annotations = meta.get("annotations")
+    if annotations is None:
+        return False
+    if not isinstance(annotations, dict):
+        r.add("metadata.annotations", f"must be a map of strings to strings, got {show(annotations)}")
+        return False
+    value = annotations.get(key)
+    if value is None:
+        return False
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    r.add(_key("metadata.annotations", key), f'must be "true" or "false", got {show(value)} '
+          "(read as false)")
+    return False
+
+
 # --- addresses and ports -----------------------------------------------------
 
 def _parse_ip(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
@@ -270,7 +293,8 @@ def _parse_namespace(obj: Any, where: str) -> tuple[Optional[Namespace], list[Pr
     r = _Report("Namespace", _object_label(None, name))
     labels = _labels(r, obj["metadata"].get("labels"), "metadata.labels")
     labels[NAMESPACE_NAME_LABEL] = name     # as the API server sets it
-    return Namespace(name=name, labels=freeze_labels(labels)), r.problems
+    log_drops = _flag_annotation(r, obj["metadata"], LOG_DROPS_ANNOTATION)
+    return Namespace(name=name, labels=freeze_labels(labels), log_drops=log_drops), r.problems
 
 
 # --- pods ---------------------------------------------------------------------
@@ -417,6 +441,7 @@ def _parse_policy(obj: Any, where: str) -> tuple[Optional[NetworkPolicy], list[P
     if name is None:
         return None, problems       # no namespace to apply to
     r = _Report("NetworkPolicy", _object_label(namespace, name))
+    log_drops = _flag_annotation(r, obj["metadata"], LOG_DROPS_ANNOTATION)
     spec = obj.get("spec")
     if spec is None:
         r.add("spec", "required (read as {}: every pod of the namespace, all ingress denied)")
@@ -424,7 +449,7 @@ def _parse_policy(obj: Any, where: str) -> tuple[Optional[NetworkPolicy], list[P
     elif not isinstance(spec, dict):
         r.add("spec", f"must be an object, got {show(spec)} "
                       "(every pod of the namespace isolated, both directions)")
-        return NetworkPolicy(namespace, name, EVERYTHING, BOTH), r.problems
+        return NetworkPolicy(namespace, name, EVERYTHING, BOTH, log_drops=log_drops), r.problems
 
     unknown = _unknown_fields(r, spec, "spec", SPEC_FIELDS, "every rule of the policy ignored")
 
@@ -453,7 +478,8 @@ def _parse_policy(obj: Any, where: str) -> tuple[Optional[NetworkPolicy], list[P
     if both_types:
         types = BOTH
     return NetworkPolicy(namespace=namespace, name=name, pod_selector=pod_selector,
-                         policy_types=types, ingress=ingress, egress=egress), r.problems
+                         policy_types=types, ingress=ingress, egress=egress,
+                         log_drops=log_drops), r.problems
 
 
 def _policy_types(r: _Report, value: Any) -> frozenset[str]:
@@ -682,6 +708,42 @@ def _ip_block(r: _Report, value: Any, path: str) -> Optional[IPBlock]:
     if len(r) > start:
         return None
     return IPBlock(cidr=str(network), excepts=tuple(str(n) for n in sorted(inside)))
+
+
+# --- nodes -------------------------------------------------------------------------
+
+def parse_node_pod_cidrs(obj: Any) -> tuple[tuple[str, ...], list[Problem]]:
+    """This node's pod ranges from its Node object: `spec.podCIDRs`, else
+    `spec.podCIDR`; normalised, in the API's order. An entry that is not a
+    CIDR is left out with a Problem (its family then has no range)."""
+    _, name, problems = _identity("Node", obj, UNKNOWN, namespaced=False)
+    if name is None:
+        return (), problems
+    r = _Report("Node", _object_label(None, name))
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        r.add("spec", "required" if spec is None else f"must be an object, got {show(spec)}")
+        return (), r.problems
+    entries = spec.get("podCIDRs")
+    if entries is None or entries == []:
+        single = spec.get("podCIDR")
+        located = [] if single in (None, "") else [("spec.podCIDR", single)]
+    elif isinstance(entries, list):
+        located = [(f"spec.podCIDRs[{i}]", text) for i, text in enumerate(entries)]
+    else:
+        r.add("spec.podCIDRs", f"must be a list, got {show(entries)}")
+        return (), r.problems
+    cidrs: list[str] = []
+    for where, text in located:
+        if not isinstance(text, str):
+            r.add(where, f"must be a string, got {show(text)}")
+        elif (net := _parse_cidr(text)) is None:
+            r.add(where, f"invalid CIDR {quote(text)}")
+        elif str(net) not in cidrs:
+            cidrs.append(str(net))
+    if not cidrs and not r.problems:
+        r.add("spec.podCIDRs", "required (the node has no pod range yet)")
+    return tuple(cidrs), r.problems
 
 
 # --- the whole cluster ---------------------------------------------------------

@@ -375,6 +375,17 @@ def test_run_kills_a_binary_past_its_timeout(netns):
     assert time.monotonic() - start < 5
 
 
+def test_run_returns_as_soon_as_a_quick_binary_ends(netns):
+    # A cycle runs a handful of binaries: a fixed wait on each (a timeout
+    # watcher polling every 0.1 s) would dominate an idle cycle.
+    def seconds() -> float:
+        start = time.perf_counter()
+        kernel.run("probe", "ipset", ["save"], netns=netns, timeout=30)
+        return time.perf_counter() - start
+
+    assert min(seconds() for _ in range(5)) < 0.05
+
+
 def test_run_feeds_payload_on_stdin_and_returns_stdout(netns):
     assert kernel.run("echo", "cat", [], netns=netns, stdin="a b\n'c'\n") == "a b\n'c'\n"
 
@@ -519,6 +530,26 @@ def test_read_refuses_output_it_cannot_parse(netns, path_dir, binary, output, ex
         k.read()
 
     assert str(caught.value) == expected
+
+
+def test_a_failing_table_read_stops_the_ipset_save_started_beside_it(netns, path_dir):
+    k = Kernel("nft", netns=netns)
+    path_dir("ip")
+    path_dir("iptables-nft-save", "#!/bin/sh\necho 'no table here' >&2\nexit 4\n")
+    path_dir("ip6tables-nft-save")
+    path_dir("ipset", f"#!/bin/sh\nexec {shutil.which('sleep')} 30\n")
+    path_dir.activate()
+
+    start = time.monotonic()
+    with pytest.raises(KernelError) as caught:
+        k.read()
+
+    assert time.monotonic() - start < 5
+    assert str(caught.value) == ("iptables-save (IPv4, filter table): iptables-nft-save exited "
+                                 "with code 4: no table here")
+    left = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                          timeout=10).stdout.split()
+    assert left == []
 
 
 # --- with the planner: converge, repair, clean up ------------------------------------------

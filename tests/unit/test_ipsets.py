@@ -1,9 +1,12 @@
 """ipset save parsing and canonical members, against real `ipset save` output."""
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lib.ipsets import IpsetParseError, canonical_member, parse_save
 from lib.ruleset import HASH_IP_PORT, HASH_NET, IpSet
@@ -46,6 +49,66 @@ def test_bad_members_are_refused_naming_the_member(kind, member, why):
     with pytest.raises(IpsetParseError, match=why) as err:
         canonical_member(kind, member)
     assert repr(member) in str(err.value)
+
+
+# IPv4 text near the forms ipset prints: mostly valid dotted quads, networks
+# with and without host bits, and octets, prefixes and ports with leading
+# zeros, out of range or not numbers; any protocol spelling.
+_valid_quad = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+_octet = st.one_of(st.integers(0, 255).map(str), st.integers(0, 300).map(lambda n: f"0{n}"),
+                   st.sampled_from(["", "256", "1a", "\u0661"]))
+_quad = st.one_of(_valid_quad, _valid_quad, st.lists(_octet, min_size=3, max_size=5).map(".".join))
+_network = st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 32)).map(
+    lambda t: f"{ipaddress.IPv4Address(t[0] >> (32 - t[1]) << (32 - t[1]))}/{t[1]}")
+_prefix = st.one_of(st.integers(0, 33).map(str), st.sampled_from(["024", "", "x"]))
+_nets = st.one_of(_quad, _network, st.tuples(_quad, _prefix).map("/".join))
+_port = st.one_of(st.integers(0, 70000).map(str), st.sampled_from(["080", "00", "", "x"]))
+_ports = st.tuples(_quad, st.sampled_from(["tcp", "udp", "TCP", "sctp", "udplite", "icmp", ""]),
+                   _port).map(lambda t: f"{t[0]},{t[1]}:{t[2]}" if t[1] else f"{t[0]},{t[2]}")
+
+
+def _expected_net(member: str) -> str:
+    """What ipaddress makes of a hash:net member, by the rules of canonical_member."""
+    try:
+        net = ipaddress.ip_network(member, strict=False)
+    except ValueError:
+        return "error"
+    if net.prefixlen == 0:
+        return "error"
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _expected_ip_port(member: str) -> str:
+    addr, _, port = member.rpartition(",")
+    proto, colon, number = port.rpartition(":")
+    proto = proto.lower() if colon else "tcp"
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return "error"
+    if (proto not in ("tcp", "udp", "sctp", "udplite") or not number.isdigit()
+            or len(number) > 5 or int(number) > 65535 or (colon and not proto.isalpha())):
+        return "error"
+    return f"{ip.compressed},{proto}:{int(number)}"
+
+
+def _canonical_or_error(kind: str, member: str) -> str:
+    try:
+        return canonical_member(kind, member)
+    except IpsetParseError:
+        return "error"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_nets)
+def test_hash_net_members_read_as_ipaddress_reads_them(member):
+    assert _canonical_or_error(HASH_NET, member) == _expected_net(member)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_ports)
+def test_ip_port_members_read_as_ipaddress_reads_them(member):
+    assert _canonical_or_error(HASH_IP_PORT, member) == _expected_ip_port(member)
 
 
 def test_canonical_member_spells_members_as_ipset_save_prints_them():

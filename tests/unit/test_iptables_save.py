@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from lib.iptables_save import SaveParseError, parse, quote, saved_rule, tokenize
 from lib.ruleset import PREFIX
-from tests.unit.fake_kernel import restore_argv
+from tests.unit.fake_kernel import RestoreError, restore_argv
 from tests.unit.fixtures.save.our_rules import DESIRED, POD
 
 FIXTURES = Path(__file__).parent / "fixtures" / "save"
@@ -167,6 +167,21 @@ def test_quote_then_tokenize_gives_the_tokens_back(tokens):
     line = " ".join(quote(t) for t in tokens)
     assert tokenize(line) == tokens
     assert restore_argv(line) == tokens
+
+
+_lines = st.text(st.sampled_from(['a', 'b', ' ', '\t', '\n', '"', '\\', "'", 'é']), max_size=16)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_lines)
+def test_tokenize_splits_any_line_as_iptables_restore_does(line):
+    try:
+        expected = restore_argv(line)
+    except RestoreError:
+        with pytest.raises(ValueError, match="unterminated quote"):
+            tokenize(line)
+    else:
+        assert tokenize(line) == expected
 
 
 def test_saved_rule_reads_our_tag_and_the_target():

@@ -4,11 +4,17 @@ It walks a DesiredState the way the kernel walks the filter table: from the
 hook in a built-in chain into our chains, with jump / RETURN / REJECT
 semantics and the set lookups of ipset. Any argument it does not know makes
 it raise, so a test can never pass because a match was silently ignored.
+
+LOG and NFLOG do not end the walk; the tracer records what they would log
+(`Tracer.logged`). A rate limit (`-m limit`) is taken as not yet reached,
+and is accepted only in front of those two targets: anywhere else the
+verdict would depend on how much traffic came before.
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +27,11 @@ CT_STATES = ("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED")
 REJECT_WITH = {4: ("tcp-reset", "icmp-port-unreachable"),
                6: ("tcp-reset", "icmp6-port-unreachable")}
 MAX_DEPTH = 16
+LOG_TARGETS = ("LOG", "NFLOG")
+PREFIX_MAX = {"LOG": 29, "NFLOG": 63}     # what the kernel keeps; iptables-legacy cuts silently
+PREFIX_CHARS = re.compile(r"[A-Za-z0-9 ._/:~-]+")
+RATE = re.compile(r"([1-9][0-9]*)/(second|minute|hour|day)")
+MAX_RATE = 10000
 
 
 class TraceError(Exception):
@@ -35,6 +46,7 @@ class Packet:
     dport: Optional[int] = None        # tcp/udp/sctp only
     state: str = "NEW"                 # conntrack state
     icmpv6_type: Optional[int] = None  # ipv6-icmp only
+    in_iface: Optional[str] = None     # input interface, for -i ("lo": the node to itself)
 
     def __post_init__(self):
         if self.proto not in PROTOCOLS:
@@ -54,8 +66,12 @@ class _Match:
     ctstates: Optional[frozenset[str]] = None
     icmpv6_type: Optional[int] = None
     sets: tuple[tuple[IpSet, tuple, tuple[str, ...]], ...] = ()   # set, parsed members, flags
+    in_iface: Optional[str] = None
+    limited: bool = False
     target: str = ""
     reject_with: Optional[str] = None
+    log_prefix: Optional[str] = None
+    log_group: Optional[int] = None
 
 
 def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
@@ -102,6 +118,8 @@ def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
             if fields.get("proto") != "ipv6-icmp":
                 raise TraceError(f"rule {rule.args}: --icmpv6-type without -p ipv6-icmp")
             put("icmpv6_type", int(take()))
+        elif tok == "-i":
+            put("in_iface", take())
         elif tok == "-m":
             module = take()
             if module == "set":
@@ -127,6 +145,16 @@ def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
             elif module in PORT_PROTOCOLS:
                 if fields.get("proto") != module:
                     raise TraceError(f"rule {rule.args}: -m {module} without -p {module}")
+            elif module == "limit":
+                if take() != "--limit" or not RATE.fullmatch(rate := take()) \
+                        or int(rate.partition("/")[0]) > MAX_RATE:
+                    raise TraceError(f"rule {rule.args}: -m limit needs --limit N/second|minute|hour|day")
+                if i < len(args) and args[i] == "--limit-burst":
+                    take()
+                    burst = take()
+                    if not burst.isdigit() or not 1 <= int(burst) <= MAX_RATE:
+                        raise TraceError(f"rule {rule.args}: bad --limit-burst {burst!r}")
+                put("limited", True)
             else:
                 raise TraceError(f"rule {rule.args}: unknown match module {module!r}")
         elif tok == "-j":
@@ -140,10 +168,31 @@ def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
             if how == "tcp-reset" and fields.get("proto") != "tcp":
                 raise TraceError(f"rule {rule.args}: tcp-reset needs -p tcp")
             put("reject_with", how)
+        elif tok in ("--log-prefix", "--nflog-prefix"):
+            target = "LOG" if tok == "--log-prefix" else "NFLOG"
+            if fields.get("target") != target:
+                raise TraceError(f"rule {rule.args}: {tok} outside {target}")
+            prefix = take()
+            if len(prefix) > PREFIX_MAX[target] or not PREFIX_CHARS.fullmatch(prefix):
+                raise TraceError(f"rule {rule.args}: {target} prefix {prefix!r} is longer than "
+                                 f"{PREFIX_MAX[target]} or holds unsafe characters")
+            put("log_prefix", prefix)
+        elif tok == "--nflog-group":
+            if fields.get("target") != "NFLOG":
+                raise TraceError(f"rule {rule.args}: --nflog-group outside NFLOG")
+            group = take()
+            if not group.isdigit() or int(group) > 65535:
+                raise TraceError(f"rule {rule.args}: NFLOG group {group!r}")
+            put("log_group", int(group))
         else:
             raise TraceError(f"rule {rule.args}: argument {tok!r} not understood")
     if not fields.get("target"):
         raise TraceError(f"rule {rule.args}: no target")
+    if fields.get("limited") and fields["target"] not in LOG_TARGETS:
+        raise TraceError(f"rule {rule.args}: a rate limit in front of {fields['target']} would make "
+                         "the verdict depend on earlier traffic")
+    if fields["target"] in LOG_TARGETS and "log_prefix" not in fields:
+        raise TraceError(f"rule {rule.args}: {fields['target']} without a prefix")
     return _Match(sets=tuple(set_matches), **fields)
 
 
@@ -196,6 +245,8 @@ def _matches(m: _Match, packet: Packet) -> bool:
         return False
     if m.ctstates is not None and packet.state not in m.ctstates:
         return False
+    if m.in_iface is not None and packet.in_iface != m.in_iface:
+        return False
     return all(_in_set(s, members, flags, packet) for s, members, flags in m.sets)
 
 
@@ -211,6 +262,7 @@ class Tracer:
         for hook in fam.hooks:
             self.hooks.setdefault(hook.builtin, []).append(_parse(hook.rule, family, self.sets))
         self.path: list[str] = []
+        self.logged: list[tuple[str, str]] = []    # (LOG or NFLOG, prefix) of the last verdict
 
     def verdict(self, hook: str, packet: Packet) -> str:
         for addr in (packet.src, packet.dst):
@@ -219,6 +271,7 @@ class Tracer:
         if hook not in self.hooks:
             raise TraceError(f"no hook in {hook}")
         self.path = [hook]
+        self.logged = []
         result = self._walk(self.hooks[hook], packet, 0)
         return REJECT if result == "REJECT" else ALLOW
 
@@ -234,6 +287,9 @@ class Tracer:
                 if m.reject_with is None:
                     raise TraceError("REJECT without --reject-with")
                 return "REJECT"
+            if m.target in LOG_TARGETS:
+                self.logged.append((m.target, m.log_prefix))
+                continue
             if m.target not in self.chains:
                 raise TraceError(f"jump to unknown chain or target {m.target!r}")
             self.path.append(m.target)

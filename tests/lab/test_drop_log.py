@@ -1,0 +1,166 @@
+"""Drop logging with real packets: a refused connection leaves an NFLOG
+record naming the direction and the pod, with the packet's addresses; an
+allowed one leaves none; a pod whose policies and namespace ask for nothing
+is refused silently; the rate limit holds.
+
+Records are read with tests/nflog.py, bound to the NFLOG group inside the
+node's namespace. (The LOG target is only loaded and read back here: in a
+namespace other than the host's it writes only when the host-wide sysctl
+net.netfilter.nf_log_all_netns is 1, and host sysctls are not ours to
+change.)
+"""
+from __future__ import annotations
+
+import textwrap
+import time
+
+import yaml
+
+from lib.compile import LOG
+from lib.objects import LOG_DROPS_ANNOTATION
+from tests.lab.apiobjects import state_objects
+from tests.lab.case import IPV4, IPV6, parse_case
+from tests.lab.enforce import enforce, in_sync, options_for
+from tests.lab.lab import Lab
+from tests.lab.traffic import ALLOWED, REFUSED, probe
+from tests.nflog import NflogListener
+
+PORT = 8080
+GROUP = 100
+NODES = ("node-1", "node-2")
+CASE = textwrap.dedent("""
+    name: drop-log
+    cluster:
+      nodes: [{name: node-1}, {name: node-2}]
+      namespaces: [{name: x}, {name: y}]
+      pods:
+        - {namespace: x, name: a, node: node-1, labels: {app: a}, ports: [{containerPort: 8080}]}
+        - {namespace: x, name: b, node: node-1, labels: {app: b}, ports: [{containerPort: 8080}]}
+        - {namespace: x, name: c, node: node-2, labels: {app: c}, ports: [{containerPort: 8080}]}
+        - {namespace: y, name: d, node: node-1, labels: {app: d}, ports: [{containerPort: 8080}]}
+    policies:
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata:
+          name: b-in
+          namespace: x
+          annotations: {kube-policy-manager/log-drops: "true"}
+        spec:
+          podSelector: {matchLabels: {app: b}}
+          ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata:
+          name: a-out
+          namespace: x
+          annotations: {kube-policy-manager/log-drops: "true"}
+        spec:
+          podSelector: {matchLabels: {app: a}}
+          policyTypes: [Egress]
+          egress: [{to: [{podSelector: {matchLabels: {app: b}}}]}]
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: deny-in, namespace: y}
+        spec: {podSelector: {}}
+    expect:
+      - {port: 8080, all: allow}
+""")
+
+
+def connect(lab: Lab, src: str, dst: str, family: str = IPV4) -> str:
+    s, d = lab.endpoint(src), lab.endpoint(dst)
+    return probe(s.netns, d.address(family), PORT, "TCP", family)
+
+
+def record_of(listener: NflogListener, lab: Lab, src: str, dst: str, family: str = IPV4, timeout=2.0):
+    s, d = lab.endpoint(src).address(family), lab.endpoint(dst).address(family)
+    return listener.wait_for(lambda r: (r.src, r.dst, r.dport) == (s, d, PORT), timeout)
+
+
+def cycle(lab: Lab, **options) -> None:
+    for node in NODES:
+        enforce(lab, node, options_for(lab, node, **options))
+
+
+def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix):
+    case = parse_case(yaml.safe_load(CASE), "test_drop_log.py")
+    (state,) = case.states
+    with Lab(case, prefix) as lab:
+        lab.set_state(state)
+        cycle(lab)
+        with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
+            # refused by x/b's ingress (annotated policy), on x/b's node
+            for family in (IPV4, IPV6):
+                assert connect(lab, "x/c", "x/b", family) == REFUSED
+                record = record_of(heard, lab, "x/c", "x/b", family)
+                assert record is not None, f"no record of x/c -> x/b {family}: {heard.records()}"
+                assert (record.prefix, record.hook, record.protocol, record.group) == \
+                    ("KPM DROP in x/b ", "FORWARD", "tcp", GROUP)
+                assert record.family == (4 if family == IPV4 else 6)
+            # refused by x/a's egress (annotated policy): to another node's pod, to its own node
+            assert connect(lab, "x/a", "x/c") == REFUSED
+            assert record_of(heard, lab, "x/a", "x/c").prefix == "KPM DROP out x/a "
+            assert connect(lab, "x/a", "node:node-1") == REFUSED
+            to_node = record_of(heard, lab, "x/a", "node:node-1")
+            assert (to_node.prefix, to_node.hook) == ("KPM DROP out x/a ", "INPUT")
+            # allowed: nothing logged
+            heard.clear()
+            assert connect(lab, "x/a", "x/b") == ALLOWED
+            assert connect(lab, "x/b", "x/c") == ALLOWED
+            # refused by a policy that asks for no logging: nothing logged either
+            assert connect(lab, "x/b", "y/d") == REFUSED
+            assert record_of(heard, lab, "x/b", "y/d", timeout=1.0) is None
+            assert heard.records() == [] and heard.errors() == []
+
+            # the namespace annotation: every isolated pod of y now logs
+            objs = state_objects(case, state)
+            for ns in objs["namespaces"]:
+                if ns["metadata"]["name"] == "y":
+                    ns["metadata"]["annotations"] = {LOG_DROPS_ANNOTATION: "true"}
+            lab.api.set_state(**objs)
+            cycle(lab)
+            heard.clear()
+            # 20 refusals in a row: the rewritten chain's burst (5) is logged,
+            # then at most one every 6 s (10 a minute)
+            results = [connect(lab, "x/b", "y/d") for _ in range(20)]
+            assert results == [REFUSED] * 20
+            to_d = lab.endpoint("y/d").ipv4
+            logged = heard.wait_count(lambda r: r.dst == to_d, 5, timeout=3.0)
+            time.sleep(0.5)                          # room for any record beyond the burst
+            logged = [r for r in heard.records() if r.dst == to_d]
+            assert 5 <= len(logged) <= 6, [r.line() for r in logged]
+            assert {r.prefix for r in logged} == {"KPM DROP in y/d "}
+            assert heard.errors() == []
+        assert all(in_sync(lab, n, options_for(lab, n)) for n in NODES)
+
+
+def test_the_global_switch_and_the_log_target(root, prefix):
+    data = yaml.safe_load(CASE)
+    for pol in data["policies"]:
+        pol["metadata"].pop("annotations", None)
+    case = parse_case(data, "test_drop_log.py[global]")
+    (state,) = case.states
+    with Lab(case, prefix) as lab:
+        lab.set_state(state)
+        cycle(lab)
+        with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
+            assert connect(lab, "x/c", "x/b") == REFUSED
+            assert record_of(heard, lab, "x/c", "x/b", timeout=1.0) is None
+            cycle(lab, log_drops=True)
+            assert connect(lab, "x/c", "x/b") == REFUSED
+            assert record_of(heard, lab, "x/c", "x/b").prefix == "KPM DROP in x/b "
+            assert connect(lab, "x/b", "y/d") == REFUSED
+            assert record_of(heard, lab, "x/b", "y/d").prefix == "KPM DROP in y/d "
+            assert connect(lab, "x/a", "x/b") == ALLOWED                  # verdicts unchanged
+            assert all(in_sync(lab, n, options_for(lab, n, log_drops=True)) for n in NODES)
+
+            # LOG instead of NFLOG: the kernel takes the rules and reads them back as written
+            cycle(lab, log_drops=True, log_target=LOG)
+            heard.clear()
+            assert connect(lab, "x/c", "x/b") == REFUSED
+            assert connect(lab, "x/a", "x/b") == ALLOWED
+            assert record_of(heard, lab, "x/c", "x/b", timeout=1.0) is None
+        saved = lab.node_exec("node-1", ["iptables-nft-save", "-t", "filter"]).stdout
+        assert '-j LOG --log-prefix "KPM DROP in x/b "' in saved
+        assert "NFLOG" not in saved
+        assert all(in_sync(lab, n, options_for(lab, n, log_drops=True, log_target=LOG)) for n in NODES)

@@ -1,0 +1,195 @@
+"""When a cycle may skip work: the fingerprint of the API objects, and the
+rule that decides whether an applied plan can refuse a flow."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lib import plan as planner
+from lib.compile import compile_node
+from lib.cycle import LastCompiled, fingerprint, may_narrow, run_cycle
+from lib.kubeapi import ClusterObjects
+from lib.ruleset import HASH_NET, Chain, DesiredState, FamilyState, IpSet, Rule
+from tests.unit.builders import cluster, namespace, pod, pods_peer, policy, rule, sel
+from tests.unit.fake_kernel import FakeKernel, state_of
+
+NODE = "n1"
+WEB = pod("x/web", NODE, "10.0.1.10", {"app": "web"})
+CLIENT = pod("x/client", "n2", "10.0.2.10", {"role": "client"})
+CLIENT_2 = pod("x/client-2", "n2", "10.0.2.11", {"role": "client"})
+FROM_CLIENTS = policy("x/web", sel({"app": "web"}), ingress=[rule([pods_peer({"role": "client"})])])
+NAMESPACES = [namespace("x")]
+
+
+def desired(*objects) -> DesiredState:
+    return compile_node(cluster(NAMESPACES, *objects), NODE)
+
+
+def plan_from(before: DesiredState, after: DesiredState) -> planner.Plan:
+    """The plan of a cycle whose kernel holds `before` and that wants `after`."""
+    return planner.diff(after, state_of(before))
+
+
+# --- may_narrow ---------------------------------------------------------------
+
+def test_a_peer_joining_only_adds_a_member_and_cannot_narrow():
+    before = desired(WEB, CLIENT, FROM_CLIENTS)
+    after = desired(WEB, CLIENT, CLIENT_2, FROM_CLIENTS)
+    the_plan = plan_from(before, after)
+    assert [c.kind for c in the_plan.changes] == ["set-members"]
+    assert not may_narrow(the_plan, after)
+
+
+def test_a_peer_leaving_deletes_a_member_and_may_narrow():
+    before = desired(WEB, CLIENT, CLIENT_2, FROM_CLIENTS)
+    after = desired(WEB, CLIENT, FROM_CLIENTS)
+    assert may_narrow(plan_from(before, after), after)
+
+
+def test_a_pod_newly_isolated_may_narrow():
+    after = desired(WEB, CLIENT, FROM_CLIENTS)
+    assert may_narrow(plan_from(desired(WEB, CLIENT), after), after)
+
+
+def test_a_policy_edit_rewriting_a_chain_may_narrow():
+    before = desired(WEB, CLIENT, FROM_CLIENTS)
+    from_admins = policy("x/web", sel({"app": "web"}), ingress=[rule([pods_peer({"role": "admin"})])])
+    after = desired(WEB, CLIENT, from_admins)
+    the_plan = plan_from(before, after)
+    assert any(c.kind == "chain-rewrite" for c in the_plan.changes)
+    assert may_narrow(the_plan, after)
+
+
+def test_a_hook_restored_after_drift_may_narrow():
+    want = desired(WEB, CLIENT, FROM_CLIENTS)
+    kernel = state_of(want)
+    table = kernel.tables[4]
+    unhooked = replace(table, chains={**table.chains, "FORWARD": ()})
+    the_plan = planner.diff(want, replace(kernel, tables={**kernel.tables, 4: unhooked}))
+    assert [c.kind for c in the_plan.changes] == ["hook"]
+    assert may_narrow(the_plan, want)
+
+
+def test_a_set_recreated_with_its_type_may_narrow():
+    want = desired(WEB, CLIENT, FROM_CLIENTS)
+    kernel = state_of(want)
+    (name,) = kernel.sets
+    wrong = replace(kernel.sets[name], kind="hash:ip")
+    the_plan = planner.diff(want, replace(kernel, sets={name: wrong}))
+    assert the_plan.ipset_prepare.startswith(f"destroy {name}\n")
+    assert not any(the_plan.iptables.values())
+    assert may_narrow(the_plan, want)
+
+
+def test_a_member_added_to_a_set_a_refusing_rule_matches_may_narrow():
+    blocked = IpSet("KPM-N4-blocked", HASH_NET, 4, frozenset({"10.0.0.1"}))
+    chain = Chain("KPM-I-x", (Rule(("-m", "set", "--match-set", blocked.name, "src",
+                                    "-j", "REJECT"), "refuse"),))
+    want = DesiredState(v4=FamilyState(4, (chain,), ()), sets=(blocked,))
+    before = replace(want, sets=(replace(blocked, members=frozenset()),))
+    the_plan = plan_from(before, want)
+    assert [c.kind for c in the_plan.changes] == ["set-members"]
+    assert may_narrow(the_plan, want)
+
+
+# --- fingerprint -----------------------------------------------------------------
+
+def _obj(name: str, version, ns: str = "x", uid: str = "u1") -> dict:
+    meta = {"name": name, "namespace": ns, "uid": uid}
+    if version is not None:
+        meta["resourceVersion"] = version
+    return {"metadata": meta, "spec": {}}
+
+
+def _fetched(pods=(), policies=(), namespaces=()) -> ClusterObjects:
+    return ClusterObjects(list(namespaces), list(pods), list(policies), 0, 0)
+
+
+def test_fingerprint_changes_with_any_object_version_name_uid_or_order():
+    base = _fetched([_obj("a", "1"), _obj("b", "2")])
+    assert fingerprint(base) == fingerprint(_fetched([_obj("a", "1"), _obj("b", "2")]))
+    for other in ([_obj("a", "1"), _obj("b", "3")],
+                  [_obj("a", "1"), _obj("b", "2", uid="u2")],
+                  [_obj("a", "1"), _obj("c", "2")],
+                  [_obj("b", "2"), _obj("a", "1")],
+                  [_obj("a", "1")]):
+        assert fingerprint(_fetched(other)) != fingerprint(base)
+
+
+def test_fingerprint_tells_the_kinds_apart():
+    assert fingerprint(_fetched(pods=[_obj("a", "1")])) != \
+        fingerprint(_fetched(policies=[_obj("a", "1")]))
+
+
+def test_no_fingerprint_without_a_resource_version():
+    assert fingerprint(_fetched([_obj("a", "1"), _obj("b", None)])) is None
+    assert fingerprint(_fetched([_obj("a", "")])) is None
+    assert fingerprint(_fetched(["not an object"])) is None
+
+
+# --- run_cycle with a LastCompiled ---------------------------------------------------
+
+class _Kernel:
+    """The fake kernel behind the cycle's read and apply."""
+    families = (4, 6)
+
+    def __init__(self):
+        self.fake = FakeKernel()
+
+    def read(self):
+        return self.fake.state
+
+    def apply(self, the_plan):
+        self.fake.apply(the_plan)
+
+
+def _api(version_of_web, client_ip="10.0.2.10") -> ClusterObjects:
+    def meta(name, version, ns=None):
+        out = {"name": name, "uid": f"uid-{name}"}
+        if ns:
+            out["namespace"] = ns
+        if version is not None:
+            out["resourceVersion"] = version
+        return out
+
+    def pod_obj(name, node, ip, labels, version):
+        return {"metadata": {**meta(name, version, "x"), "labels": labels},
+                "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+    return ClusterObjects(
+        namespaces=[{"metadata": {**meta("x", "1"), "labels": {"kubernetes.io/metadata.name": "x"}}}],
+        pods=[pod_obj("web", NODE, "10.0.1.10", {"app": "web"}, version_of_web),
+              pod_obj("client", "n2", client_ip, {"role": "client"}, client_ip)],
+        policies=[{"metadata": meta("web", "3", "x"), "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}}],
+        requests=1, bytes=0)
+
+
+def _cycles(*served, last=None) -> list:
+    kernel, last = _Kernel(), last or LastCompiled()
+    return [run_cycle(lambda a=api: a, kernel, NODE, conntrack_cleanup=False, last=last)
+            for api in served]
+
+
+def test_the_same_objects_are_not_parsed_again_and_a_change_is():
+    same, moved = _api("7"), _api("7", client_ip="10.0.2.99")
+    first, idle, changed, after = _cycles(same, _api("7"), moved, _api("7", client_ip="10.0.2.99"))
+    assert [r.ok for r in (first, idle, changed, after)] == [True] * 4
+    assert [r.reused for r in (first, idle, changed, after)] == [False, True, False, True]
+    assert idle.desired is first.desired and idle.cluster is first.cluster
+    assert idle.changes == 0 and after.changes == 0
+    (member_change,) = changed.plan.changes
+    assert member_change.detail == "+1 -1 members"
+    assert "10.0.2.99" in {m for s in changed.desired.sets for m in s.members}
+
+
+def test_objects_without_a_resource_version_are_parsed_every_cycle():
+    assert [r.reused for r in _cycles(_api(None), _api(None))] == [False, False]
+
+
+def test_without_a_last_compiled_every_cycle_parses():
+    kernel = _Kernel()
+    reports = [run_cycle(lambda: _api("7"), kernel, NODE, conntrack_cleanup=False)
+               for _ in range(2)]
+    assert [r.reused for r in reports] == [False, False]

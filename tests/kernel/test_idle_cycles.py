@@ -44,7 +44,11 @@ def test_idle_cycles_reuse_the_compiled_state_repair_drift_and_see_changes(node)
     daemon = node.start_daemon("--interval", "1", "--metrics-port", "0")
     wait_for(lambda: len(cycles(daemon)) >= 3, 20, "three cycles")
     first, *idle = cycles(daemon)
-    assert first["reused"] is False and first["applied"] is True
+    # The first successful cycle compiles and applies; it may follow a failed
+    # attempt (on a loaded machine), whose compiled state it then reuses.
+    failed = [line for line in daemon.log() if line.get("event") == "cycle-error"]
+    assert first["applied"] is True, daemon.log()
+    assert first["reused"] is False or failed, daemon.log()
     assert all(c["reused"] is True and c["changes"] == 0 for c in idle)
     assert "-j KPM-FORWARD" in forward_rules(node)[0]
 

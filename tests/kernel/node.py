@@ -49,6 +49,19 @@ def policy(ns: str, name: str, spec: dict) -> dict:
             "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
+def small_cluster(node, policies, extra_pods=()) -> None:
+    """Namespaces x and y: x/web (port http 80, dual-stack) and x/db on this
+    node, y/client on node-2, plus `extra_pods`, under `policies`."""
+    node.api.set_state(
+        namespaces=[namespace("x"), namespace("y", team="b")],
+        pods=[pod("x", "web", "10.244.1.10", labels={"app": "web"}, ipv6="fd00:10:244:1::10",
+                  ports=[("http", 80, "TCP")]),
+              pod("x", "db", "10.244.1.11", labels={"app": "db"}),
+              pod("y", "client", "10.244.2.10", node="node-2", labels={"role": "client"}),
+              *extra_pods],
+        policies=list(policies))
+
+
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 

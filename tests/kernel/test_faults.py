@@ -22,7 +22,7 @@ import pytest
 
 from lib.kubeapi import NAMESPACES, NETWORK_POLICIES, PODS
 from lib.ruleset import short_hash
-from tests.kernel.node import REPO, NODE, Node, Result, namespace, pod, policy, wait_for
+from tests.kernel.node import small_cluster, REPO, NODE, Node, Result, namespace, pod, policy, wait_for
 
 WEB = policy("x", "web", {
     "podSelector": {"matchLabels": {"app": "web"}},
@@ -50,14 +50,7 @@ def egress_chain(key: str) -> str:
 
 
 def cluster(node: Node, policies=(WEB, DB_NO_EGRESS), extra_pods=()):
-    node.api.set_state(
-        namespaces=[namespace("x"), namespace("y", team="b")],
-        pods=[pod("x", "web", "10.244.1.10", labels={"app": "web"}, ipv6="fd00:10:244:1::10",
-                  ports=[("http", 80, "TCP")]),
-              pod("x", "db", "10.244.1.11", labels={"app": "db"}),
-              pod("y", "client", "10.244.2.10", node="node-2", labels={"role": "client"}),
-              *extra_pods],
-        policies=list(policies))
+    small_cluster(node, policies, extra_pods)
 
 
 def remote_pods(count: int, ns: str = "bulk") -> list[dict]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.kernel.node import Node, namespace, pod, policy
+from tests.kernel.node import small_cluster, Node, namespace, pod, policy
 
 BACKENDS = ("nft", "legacy")
 
@@ -20,14 +20,7 @@ DENY_EGRESS_DB = policy("x", "db-no-egress", {
 
 
 def cluster(node: Node, policies=(WEB_ONLY_FROM_CLIENTS, DENY_EGRESS_DB), extra_pods=()):
-    node.api.set_state(
-        namespaces=[namespace("x"), namespace("y", team="b")],
-        pods=[pod("x", "web", "10.244.1.10", labels={"app": "web"}, ipv6="fd00:10:244:1::10",
-                  ports=[("http", 80, "TCP")]),
-              pod("x", "db", "10.244.1.11", labels={"app": "db"}),
-              pod("y", "client", "10.244.2.10", node="node-2", labels={"role": "client"}),
-              *extra_pods],
-        policies=list(policies))
+    small_cluster(node, policies, extra_pods)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -2,25 +2,12 @@
 policies must mean on the wire what the Kubernetes API says they mean."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.lab.case import load_case
 from tests.lab.runner import Options, run_case
+from tests.lab.suites import FOLDERS, case_params
 
-REPO = Path(__file__).resolve().parents[2]
-FOLDERS = {
-    "cases": REPO / "tests" / "cases",
-    "shared": REPO.parent / "shared" / "cases",      # the shared suite sits beside the clone
-}
-
-
-def _case_files():
-    files = []
-    for label, folder in FOLDERS.items():
-        files += [pytest.param(f, id=f"{label}/{f.name}") for f in sorted(folder.glob("*.yaml"))]
-    return files
 
 
 def test_both_case_folders_are_there():
@@ -28,7 +15,7 @@ def test_both_case_folders_are_there():
     assert not missing, f"no lab cases found in {', '.join(missing)}"
 
 
-@pytest.mark.parametrize("path", _case_files())
+@pytest.mark.parametrize("path", case_params())
 def test_case(path, root, prefix):
     report = run_case(load_case(path), prefix, Options())
     if not report.ok:

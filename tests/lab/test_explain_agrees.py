@@ -17,7 +17,6 @@ with the enforced rules cell by cell. Two layers:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -29,13 +28,9 @@ from lib.objects import parse_cluster
 from tests.lab.apiobjects import state_objects
 from tests.lab.case import IPV4, IPV6, SCTP, Case, State, load_case, parse_case
 from tests.lab.lab import Cell, Lab
+from tests.lab.suites import FOLDERS, case_params
 from tests.lab.traffic import ALLOWED, RETRY_TIMEOUT, SKIPPED, TIMEOUT
 
-REPO = Path(__file__).resolve().parents[2]
-FOLDERS = {
-    "cases": REPO / "tests" / "cases",
-    "shared": REPO.parent / "shared" / "cases",      # the shared suite sits beside the clone
-}
 
 # Cases run on the wire: node-local and own-node traffic, host networks,
 # externals, named ports resolved per destination, dual stack, ipBlock
@@ -160,21 +155,9 @@ def compare_with_expectations(case: Case) -> PureResult:
     return result
 
 
-def _case_files():
-    files = []
-    for label, folder in FOLDERS.items():
-        files += [pytest.param(f, id=f"{label}/{f.name}") for f in sorted(folder.glob("*.yaml"))]
-    return files
-
-
 # ---------------------------------------------------------------- pure layer
 
-def test_both_case_folders_are_there():
-    missing = [str(folder) for folder in FOLDERS.values() if not sorted(folder.glob("*.yaml"))]
-    assert not missing, f"no lab cases found in {', '.join(missing)}"
-
-
-@pytest.mark.parametrize("path", _case_files())
+@pytest.mark.parametrize("path", case_params())
 def test_explain_gives_the_expected_verdict(path, record_property):
     result = compare_with_expectations(load_case(path))
     record_property("compared", result.compared)

@@ -1,5 +1,4 @@
 """Label selectors and the cluster index, against Kubernetes semantics."""
-import time
 
 import pytest
 

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iptables ipset conntrack iproute2
+APT_PACKAGES := iptables ipset conntrack iproute2 time
 CASES ?= tests/cases
 
 .PHONY: demo test unit lab bench deps venv scanners clean
@@ -14,6 +14,7 @@ deps:
 	for bin in iptables-nft-restore iptables-legacy-restore ipset conntrack ip; do \
 	  command -v $$bin >/dev/null 2>&1 || missing=1; \
 	done; \
+	[ -x /usr/bin/time ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $(APT_PACKAGES)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \

@@ -38,26 +38,31 @@ def _writes(r: dict) -> tuple[int, int, int]:
 
 
 def no_change_writes_nothing(result: SizeResult) -> Check:
-    """Judged on every run of the no-change cycle, not only the quickest."""
-    cycle = next(c for c in result.cycles if c.step.key == "no-change")
-    worst = max(cycle.runs or (cycle.result,),
-                key=lambda r: (sum(_writes(r)), sum(r["plan"]["changes"].values())))
+    """Judged on every run of the no-change cycles (a new process's, and
+    the loop's next), not only the quickest."""
+    cycles = [c for c in result.cycles if c.step.key in ("no-change", "idle")]
+    every = [r for c in cycles for r in (c.runs or (c.result,))]
+    worst = max(every, key=lambda r: (sum(_writes(r)), sum(r["plan"]["changes"].values())))
     processes, ipt, ips = _writes(worst)
     changes = sum(worst["plan"]["changes"].values())
-    runs = f" (the most of {cycle.repeats} runs)" if cycle.repeats > 1 else ""
+    runs = f" (the most of {len(every)} cycles)" if len(every) > 1 else ""
     return Check("no change: zero kernel writes", processes == ipt == ips == changes == 0,
                  f"{processes} processes, {ipt} iptables lines, {ips} ipset lines, "
                  f"{changes} plan changes{runs}")
 
 
 def no_change_time(result: SizeResult) -> Check:
-    r = _cycle(result, "no-change")
+    """Judged on the loop's idle cycle: that is the cycle a running daemon
+    repeats every interval. A new process's first cycle also parses and
+    compiles, and its figure is in the table."""
+    r = _cycle(result, "idle")
     total = sum(r["seconds"].values())
     saves = r["saves"]
     fetch = r["seconds"]["fetch"]
     limit = MAX_NO_CHANGE_FACTOR * (saves["iptables_save"] + saves["ipset_save"]) + fetch
     stages = ", ".join(f"{k} {v:.3f}" for k, v in r["seconds"].items())
-    return Check(f"no change: cycle <= {MAX_NO_CHANGE_FACTOR:g} x (iptables-save + ipset save) + API fetch",
+    return Check(f"no change (idle loop cycle): cycle <= {MAX_NO_CHANGE_FACTOR:g} x "
+                 "(iptables-save + ipset save) + API fetch",
                  total <= limit,
                  f"{total:.3f} s {'<=' if total <= limit else '>'} {MAX_NO_CHANGE_FACTOR:g} x "
                  f"({saves['iptables_save']:.3f} + {saves['ipset_save']:.3f}) + {fetch:.3f} = "

@@ -7,7 +7,11 @@ and the log line does not say. Its peak memory is read right after the
 cycle, before the comparisons below run.
 
     python -m bench.cycle_process --api-server URL --node NODE --backend nft \
-        [--full-rewrite] [--time-saves] [--profile FILE]
+        [--cycles N] [--full-rewrite] [--time-saves] [--profile FILE]
+
+With --cycles N, N cycles run one after the other the way the daemon's loop
+runs them (sharing one LastCompiled); the last is reported, and the earlier
+ones under "previous".
 """
 from __future__ import annotations
 
@@ -77,11 +81,13 @@ def main(argv=None) -> int:
     p.add_argument("--api-server", required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--backend", choices=("nft", "legacy"), default="nft")
+    p.add_argument("--cycles", type=int, default=1,
+                   help="run this many cycles in a row, as the daemon's loop does (default 1)")
     p.add_argument("--full-rewrite", action="store_true",
-                   help="after the cycle, also write the whole state the full-rewrite way")
+                   help="after the cycles, also write the whole state the full-rewrite way")
     p.add_argument("--time-saves", action="store_true",
-                   help="after the cycle, time iptables-save and ipset save of the state")
-    p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the cycle here")
+                   help="after the cycles, time iptables-save and ipset save of the state")
+    p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the last cycle here")
     args = p.parse_args(argv)
 
     from bench import fullsync
@@ -89,22 +95,46 @@ def main(argv=None) -> int:
     logs.setup("WARNING")
     api = kubeapi.ApiClient(kubeapi.load_config(api_server=args.api_server))
     kern = kernel.Kernel(args.backend)
+    last = cycle.LastCompiled()
 
-    profiler = cProfile.Profile() if args.profile else None
-    start = time.perf_counter()
-    if profiler:
-        profiler.enable()
-    report = cycle.run_cycle(api.list_cluster, kern, args.node, problem_log=cycle.ProblemLog())
-    if profiler:
-        profiler.disable()
-        profiler.dump_stats(args.profile)
-    wall = time.perf_counter() - start
-    rss_kb = peak_rss_kb()
+    outs = []
+    for n in range(max(1, args.cycles)):
+        profiler = cProfile.Profile() if args.profile and n == args.cycles - 1 else None
+        start = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        report = cycle.run_cycle(api.list_cluster, kern, args.node, problem_log=cycle.ProblemLog(),
+                                 last=last)
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        outs.append(_summary(report, time.perf_counter() - start))
+        if not report.ok:
+            break
+    out = outs[-1]
+    if report.ok and args.full_rewrite:
+        cost = fullsync.sync(report.desired, kern.backend, kern.families)
+        full = {"render": cost.render_seconds, "apply": cost.apply_seconds,
+                "iptables_lines": cost.iptables_lines, "ipset_lines": cost.ipset_lines,
+                "steps": list(cost.steps)}
+        for o in outs:
+            o["full"] = full          # every cycle ended on this same state
+    if report.ok and args.time_saves:
+        out["saves"] = _time_saves(kern)
+    out["previous"] = outs[:-1]
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if report.ok else 1
+
+
+def _summary(report, wall: float) -> dict:
+    """What the benchmark reads of one cycle; the peak memory is the
+    process's so far, read right after the cycle."""
     stats = report.apply_stats
     c = report.counts
-    out = {
+    return {
         "ok": report.ok, "failed_stage": report.failed_stage, "error": report.error,
-        "seconds": report.seconds, "wall": wall,
+        "seconds": report.seconds, "wall": wall, "reused": report.reused,
         "counts": {"policies": c.policies, "local_pods": c.local_pods, "rules": c.rules,
                    "sets": c.sets, "set_members": c.set_members},
         "problems": len(report.cluster.problems) if report.cluster else 0,
@@ -114,18 +144,8 @@ def main(argv=None) -> int:
                   "steps": list(stats.seconds) if stats else []},
         "plan": _plan_summary(report.plan),
         "api_requests": report.api_requests, "api_bytes": report.api_bytes,
-        "rss_kb": rss_kb,
+        "rss_kb": peak_rss_kb(),
     }
-    if report.ok and args.full_rewrite:
-        cost = fullsync.sync(report.desired, kern.backend, kern.families)
-        out["full"] = {"render": cost.render_seconds, "apply": cost.apply_seconds,
-                       "iptables_lines": cost.iptables_lines, "ipset_lines": cost.ipset_lines,
-                       "steps": list(cost.steps)}
-    if report.ok and args.time_saves:
-        out["saves"] = _time_saves(kern)
-    json.dump(out, sys.stdout)
-    sys.stdout.write("\n")
-    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def _cycle_ratio(r: dict) -> str:
 
 ROWS: list = [
     ("  cycle total", lambda r: _s(sum(r["seconds"].values()))),
-    ("  process, start to exit", lambda r: _s(r["wall"])),
+    ("  process, start to exit", lambda r: _s(r.get("process"))),
+    ("  parse and compile reused", lambda r: "yes" if r.get("reused") else "no"),
     ("kernel work of the cycle", None),
     ("  plan changes", _changes),
     ("  processes run", lambda r: _n(r["apply"]["processes"])),

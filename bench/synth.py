@@ -290,9 +290,18 @@ def generate(spec: Spec) -> Synthetic:
                   namespace_object("ingress-nginx", {"purpose": "edge"})]
     pods: list[dict] = []
 
+    deal: list[int] = []
+
+    def next_node() -> int:
+        """Nodes dealt in shuffled rounds, the way a scheduler spreads
+        replicas: every node holds its share of the pods, give or take one."""
+        if not deal:
+            deal.extend(rng.sample(range(spec.nodes), spec.nodes))
+        return deal.pop()
+
     def add_pod(ns: str, name: str, labels: dict, ports, node: Optional[int] = None,
                 dual: bool = False) -> None:
-        node = rng.randrange(spec.nodes) if node is None else node
+        node = next_node() if node is None else node
         pods.append(pod_object(ns, name, node, addresses.take(node, dual), labels, ports))
 
     for n in range(spec.nodes):

@@ -193,16 +193,10 @@ def block_networks(cidr: str, excepts: Iterable[str], family: int) -> list[Netwo
     return list(ipaddress.collapse_addresses(parts))
 
 
-def _parse_ips(pod: Pod) -> dict[int, tuple[tuple[Address, ...], tuple[str, ...]]]:
-    """Family -> (addresses, their canonical text)."""
-    found: dict[int, list[Address]] = {4: [], 6: []}
-    for text in pod.ips:
-        try:
-            addr = (ipaddress.IPv6Address(text) if ":" in text else ipaddress.IPv4Address(text))
-        except ValueError:
-            continue        # objects.py reports malformed addresses
-        found[addr.version].append(addr)
-    return {f: (tuple(addrs), tuple(str(a) for a in addrs)) for f, addrs in found.items()}
+def _split_ips(pod: Pod) -> dict[int, tuple[str, ...]]:
+    """Family -> the pod's addresses. objects.py hands them over valid and in
+    canonical text, so the text tells the family without parsing it again."""
+    return {4: tuple(t for t in pod.ips if ":" not in t), 6: tuple(t for t in pod.ips if ":" in t)}
 
 
 class _Compiler:
@@ -211,7 +205,8 @@ class _Compiler:
     def __init__(self, index: ClusterIndex):
         self.index = index
         self.sets: dict[str, IpSet] = {}
-        self._ips: dict[int, dict] = {}            # id(pod) -> _parse_ips(pod); the index keeps pods alive
+        self._ips: dict[int, dict] = {}            # id(pod) -> _split_ips(pod); the index keeps pods alive
+        self._parsed: dict[str, Address] = {}      # address text -> address, for ipBlock containment
         self._rules_memo: dict[tuple, list[Rule]] = {}
         self._block_memo: dict[tuple[tuple[Peer, ...], int], list[Network]] = {}
         self._net_name_memo: dict[tuple[str, tuple[Peer, ...], int], str] = {}
@@ -219,17 +214,21 @@ class _Compiler:
 
     # addresses and sets ------------------------------------------------
 
-    def _pod_ips(self, pod: Pod) -> dict:
+    def address_texts(self, pod: Pod, family: int) -> tuple[str, ...]:
         hit = self._ips.get(id(pod))
         if hit is None:
-            hit = self._ips[id(pod)] = _parse_ips(pod)
-        return hit
+            hit = self._ips[id(pod)] = _split_ips(pod)
+        return hit[family]
 
     def addresses(self, pod: Pod, family: int) -> tuple[Address, ...]:
-        return self._pod_ips(pod)[family][0]
-
-    def address_texts(self, pod: Pod, family: int) -> tuple[str, ...]:
-        return self._pod_ips(pod)[family][1]
+        """Parsed only where an ipBlock asks whether it holds a pod."""
+        out = []
+        for text in self.address_texts(pod, family):
+            addr = self._parsed.get(text)
+            if addr is None:
+                addr = self._parsed[text] = ipaddress.ip_address(text)
+            out.append(addr)
+        return tuple(out)
 
     def blocks(self, peers: tuple[Peer, ...], family: int) -> list[Network]:
         key = (peers, family)
@@ -421,9 +420,9 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
         chains: list[Chain] = []
         egress_dispatch: list[Rule] = []
         ingress_dispatch: list[Rule] = []
-        with_chains: list[tuple[Pod, tuple[Address, ...]]] = []
+        with_chains: list[tuple[Pod, tuple[str, ...]]] = []
         for pod, ingress, egress in isolated:
-            addrs = comp.addresses(pod, family)
+            addrs = comp.address_texts(pod, family)
             if not addrs:
                 continue
             with_chains.append((pod, addrs))
@@ -469,7 +468,7 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
     return DesiredState(v4=families[4], v6=families[6], sets=sets)
 
 
-def _unknown_chains(family: int, with_chains: list[tuple[Pod, tuple[Address, ...]]],
+def _unknown_chains(family: int, with_chains: list[tuple[Pod, tuple[str, ...]]],
                     local_set: str, options: CompileOptions) -> list[Chain]:
     """KPM-LOCAL-SRC / -DST return for a known local pod and send anything
     else to KPM-UNKNOWN. Pods with chains are listed by address, in the same

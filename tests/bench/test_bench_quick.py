@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CYCLES = ("first apply", "no change", "remote pod", "local pod", "policy edit", "ns relabel")
+CYCLES = ("first apply", "no change", "idle loop", "remote pod", "local pod", "policy edit", "ns relabel")
 ROWS = ("fetch (API, JSON decode)", "parse", "compile", "read kernel state", "diff", "apply",
         "cycle total", "iptables lines written", "ipset lines written",
         "set members added / removed", "iptables rules, IPv4 + IPv6", "ipsets / members",
         "requests", "bytes", "peak RSS of the cycle process", "apply: ours / full",
         "lines written: ours / full")
-CHECKS = ("no change: zero kernel writes", "no change: cycle <=", "remote pod joins: zero iptables lines",
+CHECKS = ("no change: zero kernel writes", "no change (idle loop cycle): cycle <=", "remote pod joins: zero iptables lines",
           "remote pod joins: apply <=", "iptables rule count does not grow with peer pods",
           "compile grows linearly", "peak memory <=")
 CHECK_LINE = re.compile(r"^(PASS|FAIL)  (.+?)  \|  (.+)$", re.MULTILINE)
@@ -58,6 +58,9 @@ def test_quick_benchmark_prints_the_table_and_the_checks_and_cleans_up():
     first_lines, *_ = _row(out, "iptables lines written")
     assert int(first_lines.replace(",", "")) > 0          # the first apply wrote the rules
     assert "reconcile.py as a process: no change" in out and "peak" in out
+    # only the idle loop cycle reuses its process's previous compile, and it writes nothing
+    assert _row(out, "parse and compile reused") == ["no", "no", "yes", "no", "no", "no", "no"]
+    assert _row(out, "iptables lines written")[2] == "0"
 
     found = CHECK_LINE.findall(out)
     assert len(found) == len(CHECKS), out

@@ -32,12 +32,14 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, fields
-from typing import Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
 import requests
 import yaml
 from urllib3.exceptions import InsecureRequestWarning, ReadTimeoutError
+
+from lib import api_fields
 
 log = logging.getLogger(__name__)
 
@@ -447,12 +449,20 @@ class ApiClient:
     def close(self) -> None:
         self._session.close()
 
-    def list_cluster(self) -> ClusterObjects:
-        """Namespaces, Pods and NetworkPolicies, each list complete, or ApiError."""
+    def list_cluster(self, trim: Optional[Callable[[str, Any], Any]] = api_fields.trimmed
+                     ) -> ClusterObjects:
+        """Namespaces, Pods and NetworkPolicies, each list complete, or ApiError.
+        `trim(kind, obj)` is applied to each object as its page arrives, so
+        that a page's unread fields are freed before the next page is
+        fetched; None keeps the objects whole."""
         requests_before, bytes_before = self.request_count, self.byte_count
-        namespaces = self.list(NAMESPACES)
-        pods = self.list(PODS)
-        policies = self.list(NETWORK_POLICIES)
+
+        def of(kind: str) -> Optional[Callable[[Any], Any]]:
+            return None if trim is None else (lambda obj: trim(kind, obj))
+
+        namespaces = self.list(NAMESPACES, of("Namespace"))
+        pods = self.list(PODS, of("Pod"))
+        policies = self.list(NETWORK_POLICIES, of("NetworkPolicy"))
         return ClusterObjects(namespaces, pods, policies,
                               requests=self.request_count - requests_before,
                               bytes=self.byte_count - bytes_before)
@@ -476,31 +486,33 @@ class ApiClient:
             raise self._error(path, None, "not a Node object", where=where)
         return body
 
-    def list(self, path: str) -> list[dict]:
-        """Every item of the List at `path`, following continue tokens.
+    def list(self, path: str, trim: Optional[Callable[[Any], Any]] = None) -> list[dict]:
+        """Every item of the List at `path` (each passed through `trim` when
+        given), following continue tokens.
 
         The first page asks for resourceVersion=0 so that the API server may
         answer from its watch cache instead of etcd. An expired continue token
         (410) restarts the whole list, at most MAX_LIST_RESTARTS times.
         """
-        return self._list(path)[0]
+        return self._list(path, trim)[0]
 
-    def list_versioned(self, path: str) -> tuple[list[dict], str]:
+    def list_versioned(self, path: str, trim: Optional[Callable[[Any], Any]] = None
+                       ) -> tuple[list[dict], str]:
         """Like list(), with the List's metadata.resourceVersion: the point a
         watch of `path` resumes from so that it misses nothing."""
-        items, version = self._list(path)
+        items, version = self._list(path, trim)
         if not version:
             raise ApiError(f"GET {path}: not a List: metadata.resourceVersion is missing, so no "
                            "watch can start from it", path=path)
         return items, version
 
-    def _list(self, path: str) -> tuple[list[dict], str]:
+    def _list(self, path: str, trim: Optional[Callable[[Any], Any]]) -> tuple[list[dict], str]:
         if not path.startswith("/"):
             raise ValueError(f"path {path!r} must start with '/'")
         restarts = 0
         while True:
             try:
-                return self._list_once(path)
+                return self._list_once(path, trim)
             except _Expired as expired:
                 if restarts == MAX_LIST_RESTARTS:
                     raise ApiError(
@@ -511,7 +523,7 @@ class ApiClient:
                 log.info("GET %s page %d: continue token expired (410 Gone); restarting the "
                          "list (%d of %d)", path, expired.page, restarts, MAX_LIST_RESTARTS)
 
-    def _list_once(self, path: str) -> tuple[list[dict], str]:
+    def _list_once(self, path: str, trim: Optional[Callable[[Any], Any]]) -> tuple[list[dict], str]:
         items: list[dict] = []
         params = {"limit": str(self.page_size), "resourceVersion": "0"}
         page = 1
@@ -523,7 +535,8 @@ class ApiClient:
             token = metadata.get("continue") or ""
             if not isinstance(token, str):
                 raise self._error(path, page, "not a List: metadata.continue is not a string")
-            items.extend(body["items"])
+            items.extend(body["items"] if trim is None else map(trim, body["items"]))
+            del body
             if not token:
                 version = metadata.get("resourceVersion")
                 return items, version if isinstance(version, str) else ""

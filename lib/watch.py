@@ -37,8 +37,10 @@ at which the change arrived, only when what the object means to enforcement
 changed (lib/objects.py parses it differently): a pod's status heartbeat or
 a new annotation runs no cycle. The first list counts as a change, so that a
 cycle follows at once. The cache holds the objects as the API sent them,
-less metadata.managedFields (server-side apply bookkeeping, often the larger
-half of an object, that nothing here reads).
+less what nothing here reads: ClusterCache trims each object as it arrives
+to the fields the program parses (lib/api_fields.py), a WatchCache without
+`trim` drops metadata.managedFields (server-side apply bookkeeping, often the
+larger half of an object).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, TypeVar
 
-from lib import logs, objects
+from lib import api_fields, logs, objects
 from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiConfig, ApiError,
                          ClusterObjects, WatchEventError, WatchStream)
 
@@ -66,12 +68,13 @@ class WatchCache:
 
     `meaning(obj)` is what a change must alter to be reported (None: any
     ADDED, MODIFIED or DELETED is); `on_change(seen)` is called from the
-    cache's thread.
+    cache's thread; `trim(obj)` is what is kept of each object.
     """
 
     def __init__(self, client: ApiClient, path: str, *,
                  meaning: Optional[Callable[[dict], Any]] = None,
                  on_change: Optional[Callable[[float], None]] = None,
+                 trim: Optional[Callable[[Any], Any]] = None,
                  watch_seconds: float = WATCH_SECONDS, jitter: float = 0.5,
                  retry: tuple[float, float] = RETRY, stale_after: float = STALE_AFTER):
         if watch_seconds < 1:
@@ -80,6 +83,7 @@ class WatchCache:
         self.path = path
         self.meaning = meaning
         self.on_change = on_change
+        self.trim = trim or _without_managed_fields
         self.watch_seconds = watch_seconds
         self.jitter = jitter
         self.retry = retry
@@ -224,13 +228,13 @@ class WatchCache:
             self._last_error = None
 
     def _relist(self) -> None:
-        items, version = self.client.list_versioned(self.path)
+        items, version = self.client.list_versioned(self.path, self.trim)
         fresh: dict[str, dict] = {}
         for i, obj in enumerate(items):
             key = _key(obj)
             if key is None or key in fresh:       # kept, for lib/objects.py to report
                 key = f"\0{i}"
-            fresh[key] = _stored(obj)
+            fresh[key] = obj
         with self._lock:
             if self._stop.is_set():
                 return
@@ -294,7 +298,7 @@ class WatchCache:
             else:
                 if old is None:
                     self._keys = None
-                self._items[key] = new = _stored(obj)
+                self._items[key] = new = self.trim(obj)
             self._values = None
             self._version = version
         if self._means(old) != self._means(new):
@@ -321,7 +325,7 @@ class WatchCache:
                                  extra={"event": "watch-listener-error", "path": self.path})
 
 
-def _stored(obj: Any) -> Any:
+def _without_managed_fields(obj: Any) -> Any:
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
     if isinstance(metadata, dict) and "managedFields" in metadata:
         metadata = {k: v for k, v in metadata.items() if k != "managedFields"}
@@ -349,9 +353,9 @@ class ClusterCache:
     """Namespaces, Pods and NetworkPolicies as three WatchCaches; snapshot()
     stands in for ApiClient.list_cluster() in a cycle."""
 
-    KINDS = (("namespaces", NAMESPACES, objects.parse_namespace),
-             ("pods", PODS, objects.parse_pod),
-             ("policies", NETWORK_POLICIES, objects.parse_policy))
+    KINDS = (("namespaces", NAMESPACES, "Namespace", objects.parse_namespace),
+             ("pods", PODS, "Pod", objects.parse_pod),
+             ("policies", NETWORK_POLICIES, "NetworkPolicy", objects.parse_policy))
 
     def __init__(self, config: ApiConfig, *, on_change: Optional[Callable[[float], None]] = None,
                  stale_after: float = STALE_AFTER, watch_seconds: float = WATCH_SECONDS,
@@ -359,9 +363,10 @@ class ClusterCache:
                  timeout=(3.05, 10.0), page_size: int = 500):
         self.caches = {
             name: WatchCache(ApiClient(config, timeout=timeout, page_size=page_size), path,
-                             meaning=meaning, on_change=on_change, watch_seconds=watch_seconds,
+                             meaning=meaning, on_change=on_change,
+                             trim=api_fields.BY_KIND[kind], watch_seconds=watch_seconds,
                              jitter=jitter, retry=retry, stale_after=stale_after)
-            for name, path, meaning in self.KINDS}
+            for name, path, kind, meaning in self.KINDS}
         self._reported = (0, 0)
 
     def __enter__(self) -> "ClusterCache":

@@ -215,9 +215,14 @@ def test_a_status_heartbeat_updates_the_cache_but_fires_nothing(serve, watched):
     beating = pod("a", "10.244.1.10", app="web")
     beating["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
     beating["metadata"]["annotations"] = {"seen": "now"}
+    before = cache.caches["pods"].resource_version
     api.set_state(pods=[beating, PODS_0[1]])
-    eventually(lambda: cache.snapshot().pods[0]["status"].get("conditions"))
+    eventually(lambda: cache.caches["pods"].resource_version != before)
     assert trigger.wait(0.2) is None
+    # kept: what parsing reads, not the conditions or annotations nothing reads
+    kept = cache.snapshot().pods[0]
+    assert kept["metadata"]["labels"] == {"app": "web"} and kept["status"]["podIPs"]
+    assert "conditions" not in kept["status"] and "annotations" not in kept["metadata"]
 
     relabelled = pod("a", "10.244.1.10", app="api")
     api.set_state(pods=[relabelled, PODS_0[1]])

@@ -1,0 +1,142 @@
+"""lib.api_fields: trimming an object as it arrives changes nothing that
+parsing, fingerprinting or node addresses make of it, malformed or not."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench import synth
+from lib import api_fields, cycle, node_addresses, objects
+from lib.kubeapi import ClusterObjects
+
+FIXTURES = Path(__file__).parent / "fixtures" / "objects"
+
+
+def _items(name: str) -> list:
+    return json.loads((FIXTURES / f"{name}.json").read_text())["items"]
+
+
+PODS = _items("pods") + [synth.pod_object("app-0001", "svc-1-0000", 3, ("10.3.0.7", "fd00::3:7"),
+                                          {"app": "svc-1"}, [("http", 8080, "TCP")])]
+NAMESPACES = _items("namespaces")
+POLICIES = _items("policies")
+
+# Places where a malformed value changes what parsing makes of an object.
+POD_PATHS = [
+    (), ("metadata",), ("metadata", "name"), ("metadata", "namespace"), ("metadata", "uid"),
+    ("metadata", "resourceVersion"), ("metadata", "labels"), ("metadata", "labels", "app"),
+    ("spec",), ("spec", "nodeName"), ("spec", "hostNetwork"), ("spec", "containers"),
+    ("spec", "containers", 0), ("spec", "containers", 0, "ports"),
+    ("spec", "containers", 0, "ports", 0), ("spec", "containers", 0, "ports", 0, "containerPort"),
+    ("spec", "containers", 0, "ports", 0, "name"), ("spec", "containers", 0, "ports", 0, "protocol"),
+    ("spec", "initContainers"), ("status",), ("status", "phase"), ("status", "podIP"),
+    ("status", "podIPs"), ("status", "podIPs", 0), ("status", "podIPs", 0, "ip"),
+    ("status", "hostIP"), ("status", "hostIPs"), ("status", "hostIPs", 0, "ip"),
+]
+META_PATHS = [
+    (), ("metadata",), ("metadata", "name"), ("metadata", "namespace"), ("metadata", "labels"),
+    ("metadata", "labels", "team"), ("metadata", "annotations"),
+    ("metadata", "annotations", objects.LOG_DROPS_ANNOTATION),
+    ("metadata", "annotations", "kubectl.kubernetes.io/last-applied-configuration"),
+]
+POLICY_PATHS = META_PATHS + [
+    ("spec",), ("spec", "podSelector"), ("spec", "ingress"), ("spec", "ingress", 0),
+    ("spec", "ingress", 0, "from"), ("spec", "policyTypes"), ("spec", "egress"), ("spec", "future"),
+]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-70000, 70000) | st.text(max_size=12)
+    | st.sampled_from(["", "10.0.0.9", "fd00::9", "Running", "Succeeded", "TCP", "true", "x"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["ip", "name", "ports", "containerPort", "protocol", "app", "x"]),
+        inner, max_size=3),
+    max_leaves=8)
+
+
+def _set(obj, path: tuple, value):
+    """A copy of `obj` with `value` at `path`, where the path's parents exist."""
+    if not path:
+        return value
+    obj = copy.deepcopy(obj)
+    parent = obj
+    for step in path[:-1]:
+        if isinstance(parent, dict) and step in parent:
+            parent = parent[step]
+        elif isinstance(parent, list) and isinstance(step, int) and step < len(parent):
+            parent = parent[step]
+        else:
+            return obj
+    last = path[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        parent[last] = value
+    return obj
+
+
+def _meaning(kind: str, obj) -> tuple:
+    if kind == "Pod":
+        return (objects.parse_pod(obj), node_addresses.from_pods([obj]),
+                cycle.fingerprint(ClusterObjects([], [obj], [], 0, 0)))
+    if kind == "Namespace":
+        return (objects.parse_namespace(obj), cycle.fingerprint(ClusterObjects([obj], [], [], 0, 0)))
+    return (objects.parse_policy(obj), cycle.fingerprint(ClusterObjects([], [], [obj], 0, 0)))
+
+
+def _assert_same(kind: str, obj) -> None:
+    trimmed = api_fields.trimmed(kind, copy.deepcopy(obj))
+    assert _meaning(kind, trimmed) == _meaning(kind, obj)
+
+
+def test_every_fixture_means_the_same_trimmed():
+    for kind, items in (("Pod", PODS), ("Namespace", NAMESPACES), ("NetworkPolicy", POLICIES)):
+        for obj in items:
+            _assert_same(kind, obj)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(PODS), st.lists(st.tuples(st.sampled_from(POD_PATHS), json_values),
+                                       min_size=1, max_size=3))
+def test_a_malformed_pod_means_the_same_trimmed(pod, changes):
+    for path, value in changes:
+        pod = _set(pod, path, value)
+    _assert_same("Pod", pod)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(NAMESPACES), st.lists(st.tuples(st.sampled_from(META_PATHS), json_values),
+                                             min_size=1, max_size=3))
+def test_a_malformed_namespace_means_the_same_trimmed(namespace, changes):
+    for path, value in changes:
+        namespace = _set(namespace, path, value)
+    _assert_same("Namespace", namespace)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(POLICIES), st.lists(st.tuples(st.sampled_from(POLICY_PATHS), json_values),
+                                           min_size=1, max_size=3))
+def test_a_malformed_policy_means_the_same_trimmed(policy, changes):
+    for path, value in changes:
+        policy = _set(policy, path, value)
+    _assert_same("NetworkPolicy", policy)
+
+
+def test_a_running_pod_shrinks_to_a_fraction_of_its_json():
+    pod = PODS[-1]
+    before = len(json.dumps(pod))
+    after = len(json.dumps(api_fields.trimmed("Pod", pod)))
+    assert after < before / 3, (before, after)
+
+
+def test_the_last_applied_annotation_is_dropped_and_ours_kept():
+    policy = copy.deepcopy(POLICIES[0])
+    policy["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(policy),
+        objects.LOG_DROPS_ANNOTATION: "true"}
+    trimmed = api_fields.trimmed("NetworkPolicy", policy)
+    assert trimmed["metadata"]["annotations"] == {objects.LOG_DROPS_ANNOTATION: "true"}
+    assert objects.parse_policy(trimmed)[0].log_drops

@@ -748,12 +748,68 @@ def parse_node_pod_cidrs(obj: Any) -> tuple[tuple[str, ...], list[Problem]]:
 
 # --- the whole cluster ---------------------------------------------------------
 
-def parse_cluster(namespaces: list, pods: list, policies: list) -> Cluster:
-    """Every usable object, sorted by namespace/name; problems in input order."""
+class ParseMemo:
+    """What each object parsed to, kept from one cycle to the next by its
+    identity and resourceVersion. The API server gives an object a new
+    resourceVersion on every change, so an object seen before at the same
+    version parses the same, and a cycle after a change parses only what
+    changed. Only the objects of the latest parse are kept."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, tuple] = {}
+        self._next: dict[tuple, tuple] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(kind: str, obj: Any) -> Optional[tuple]:
+        """None when the object lacks what makes its parse depend on nothing
+        else (its name, namespace and version as non-empty strings)."""
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        if not isinstance(meta, dict):
+            return None
+        name, version, uid = meta.get("name"), meta.get("resourceVersion"), meta.get("uid")
+        namespace = meta.get("namespace") if kind != "Namespace" else ""
+        if not all(isinstance(v, str) and v for v in (name, version)):
+            return None
+        if not isinstance(namespace, str) or (kind != "Namespace" and not namespace):
+            return None
+        if uid is not None and not isinstance(uid, str):
+            return None
+        return (kind, namespace, name, uid, version)
+
+    def parse(self, kind: str, obj: Any, where: str, parse: Callable) -> tuple:
+        key = self.key(kind, obj)
+        if key is None:
+            return parse(obj, where)
+        hit = self._kept.get(key)
+        if hit is None:
+            value, problems = parse(obj, where)
+            hit = (value, tuple(problems))
+        else:
+            self.hits += 1
+        self._next[key] = hit
+        return hit[0], list(hit[1])
+
+    def _start(self) -> None:
+        self._next, self.hits = {}, 0
+
+    def _finish(self) -> None:
+        self._kept, self._next = self._next, {}
+
+
+def parse_cluster(namespaces: list, pods: list, policies: list,
+                  memo: Optional[ParseMemo] = None) -> Cluster:
+    """Every usable object, sorted by namespace/name; problems in input order.
+    With `memo`, objects parsed by the previous call at the same version
+    are not parsed again."""
     problems: list[Problem] = []
-    found_ns = _parse_all("Namespace", "namespaces", namespaces, _parse_namespace, problems)
-    found_pods = _parse_all("Pod", "pods", pods, _parse_pod, problems)
-    found_pols = _parse_all("NetworkPolicy", "policies", policies, _parse_policy, problems)
+    if memo is not None:
+        memo._start()
+    found_ns = _parse_all("Namespace", "namespaces", namespaces, _parse_namespace, problems, memo)
+    found_pods = _parse_all("Pod", "pods", pods, _parse_pod, problems, memo)
+    found_pols = _parse_all("NetworkPolicy", "policies", policies, _parse_policy, problems, memo)
+    if memo is not None:
+        memo._finish()
     return Cluster(
         namespaces=tuple(sorted(found_ns, key=lambda n: n.name)),
         pods=tuple(sorted(found_pods, key=lambda p: (p.namespace, p.name))),
@@ -762,7 +818,8 @@ def parse_cluster(namespaces: list, pods: list, policies: list) -> Cluster:
     )
 
 
-def _parse_all(kind: str, label: str, items: Any, parse: Callable, problems: list) -> list:
+def _parse_all(kind: str, label: str, items: Any, parse: Callable, problems: list,
+               memo: Optional[ParseMemo] = None) -> list:
     """Parse one list; a second object with the same identity is ignored (a
     list response never holds one, and downstream names derive from it)."""
     if items is None:
@@ -772,7 +829,10 @@ def _parse_all(kind: str, label: str, items: Any, parse: Callable, problems: lis
         return []
     found, seen = [], set()
     for i, item in enumerate(items):
-        value, item_problems = parse(item, f"{label}[{i}]")
+        if memo is None:
+            value, item_problems = parse(item, f"{label}[{i}]")
+        else:
+            value, item_problems = memo.parse(kind, item, f"{label}[{i}]", parse)
         problems.extend(item_problems)
         if value is None:
             continue

@@ -938,3 +938,57 @@ def test_a_damaged_pod_never_raises(path, new):
     if pod is not None:
         assert all(ip in ("10.244.1.10", "fd00:10:244:1::10") or ":" in ip or "." in ip
                    for ip in pod.ips)
+
+
+# --- parsing again what changed only -------------------------------------------
+
+def _bumped(obj: dict, version: str, **labels) -> dict:
+    new = copy.deepcopy(obj)
+    new["metadata"]["resourceVersion"] = version
+    new["metadata"].setdefault("labels", {}).update(labels)
+    return new
+
+
+def test_a_memo_parses_only_changed_objects_and_gives_the_same_cluster():
+    namespaces, pods, policies = items("namespaces"), items("pods"), items("policies")
+    memo = objects.ParseMemo()
+    assert parse_cluster(namespaces, pods, policies, memo) == parse_cluster(namespaces, pods, policies)
+    assert memo.hits == 0
+
+    assert parse_cluster(namespaces, pods, policies, memo) == parse_cluster(namespaces, pods, policies)
+    keyed = sum(1 for kind, objs in (("Namespace", namespaces), ("Pod", pods),
+                                     ("NetworkPolicy", policies))
+                for o in objs if objects.ParseMemo.key(kind, o) is not None)
+    assert keyed >= len(pods) and memo.hits == keyed
+
+    # one pod relabelled (a new resourceVersion): parsed again, the rest reused
+    changed = [_bumped(pods[0], "99999", tier="db")] + pods[1:]
+    got = parse_cluster(namespaces, changed, policies, memo)
+    assert got == parse_cluster(namespaces, changed, policies)
+    assert memo.hits == keyed - 1
+    assert dict(next(p for p in got.pods if p.name == pods[0]["metadata"]["name"]).labels)["tier"] == "db"
+
+
+def test_a_memo_reports_the_problems_of_a_reused_object_every_time():
+    bad = netpol({"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]})
+    memo = objects.ParseMemo()
+    first = parse_cluster([], [], [bad], memo).problems
+    again = parse_cluster([], [], [bad], memo).problems
+    assert first and again == first and memo.hits == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["a", "b", "c"]), st.booleans()),
+                max_size=8))
+def test_a_memo_follows_any_sequence_of_changes(steps):
+    """Each step relabels (new version) or deletes one pod; parsing with the
+    memo always equals parsing from scratch."""
+    namespaces, pods, policies = items("namespaces"), items("pods"), items("policies")
+    memo = objects.ParseMemo()
+    for n, (index, value, delete) in enumerate(steps):
+        if pods and delete:
+            pods = pods[:index % len(pods)] + pods[index % len(pods) + 1:]
+        elif pods:
+            i = index % len(pods)
+            pods = pods[:i] + [_bumped(pods[i], f"7{n}", step=value)] + pods[i + 1:]
+        assert parse_cluster(namespaces, pods, policies, memo) == parse_cluster(namespaces, pods, policies)

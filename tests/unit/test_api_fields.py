@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,31 +99,17 @@ def test_every_fixture_means_the_same_trimmed():
             _assert_same(kind, obj)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(PODS), st.lists(st.tuples(st.sampled_from(POD_PATHS), json_values),
-                                       min_size=1, max_size=3))
-def test_a_malformed_pod_means_the_same_trimmed(pod, changes):
-    for path, value in changes:
-        pod = _set(pod, path, value)
-    _assert_same("Pod", pod)
-
-
+@pytest.mark.parametrize("kind, samples, paths", [
+    ("Pod", PODS, POD_PATHS), ("Namespace", NAMESPACES, META_PATHS),
+    ("NetworkPolicy", POLICIES, POLICY_PATHS)])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(NAMESPACES), st.lists(st.tuples(st.sampled_from(META_PATHS), json_values),
-                                             min_size=1, max_size=3))
-def test_a_malformed_namespace_means_the_same_trimmed(namespace, changes):
-    for path, value in changes:
-        namespace = _set(namespace, path, value)
-    _assert_same("Namespace", namespace)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(POLICIES), st.lists(st.tuples(st.sampled_from(POLICY_PATHS), json_values),
-                                           min_size=1, max_size=3))
-def test_a_malformed_policy_means_the_same_trimmed(policy, changes):
-    for path, value in changes:
-        policy = _set(policy, path, value)
-    _assert_same("NetworkPolicy", policy)
+@given(data=st.data())
+def test_a_malformed_object_means_the_same_trimmed(kind, samples, paths, data):
+    obj = data.draw(st.sampled_from(samples))
+    for path, value in data.draw(st.lists(st.tuples(st.sampled_from(paths), json_values),
+                                          min_size=1, max_size=3)):
+        obj = _set(obj, path, value)
+    _assert_same(kind, obj)
 
 
 def test_a_running_pod_shrinks_to_a_fraction_of_its_json():

@@ -1,7 +1,8 @@
 """python -m bench [--sizes small,medium,large] [--quick] [--backend nft|legacy]
 [--profile-dir DIR]
 
-Prints one table per size and the pass/fail checks; exits 1 when a check
+Prints per size a table of poll mode's cycles and one of the API cost of
+poll against watch mode, then the pass/fail checks; exits 1 when a check
 fails, 2 when the benchmark cannot run. Needs root: it makes network
 namespaces, and writes iptables rules and ipsets only inside them.
 """

@@ -1,12 +1,15 @@
 """Running the benchmark: per size, a synthetic cluster served by a real API
 server whose socket lives in a network namespace made for the run, and the
-real pipeline run once per cycle in its own process inside that namespace.
+real pipeline run once per cycle in its own process inside that namespace;
+then the --watch data source, in one more process, for what it costs the API
+at start-up, in an idle cycle and for one change.
 
 Nothing is written outside the namespace, which is deleted at the end of
 each size whatever happens.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from bench import netns, scenarios, synth
+from bench import netns, scenarios, synth, watch_process
 from lib import objects
 from lib.compile import compile_node
 from lib.model import Cluster
@@ -30,6 +33,11 @@ CYCLE_TIMEOUT = 600.0
 GNU_TIME = "/usr/bin/time"
 COMPILE_REPEATS = 5
 NO_CHANGE_REPEATS = 3
+WATCH_KINDS = 3                  # namespaces, pods, policies: one list and one watch each
+WATCH_OPEN_TIMEOUT = 30.0
+WATCH_EXIT_TIMEOUT = 30.0
+WATCH_FAILED_EXIT = 2.0
+WATCH_CHANGE = "remote-pod"      # the poll cycle whose change the watch process sees
 
 
 class BenchError(RuntimeError):
@@ -62,6 +70,25 @@ class ProcessRun:
     peak_rss_kb: int             # the process and the binaries it ran
 
 
+@dataclass(frozen=True)
+class ServerCount:
+    """Requests as the API server logged them: list pages and watches."""
+    lists: int
+    watches: int
+
+
+@dataclass(frozen=True)
+class WatchRun:
+    """bench.watch_process's reports, and the server's view of each step."""
+    synced_seconds: float        # start to every kind listed
+    startup: dict                # the first cycle, with the API cost until the watches opened
+    idle: tuple                  # of dict: cycles with nothing changed
+    change: dict                 # the cycle one changed object triggered
+    change_step: scenarios.Step
+    server: dict                 # "start-up", "idle", "change" -> ServerCount
+    rss_kb: int
+
+
 @dataclass
 class SizeResult:
     spec: synth.Spec
@@ -70,6 +97,7 @@ class SizeResult:
     cycles: list = field(default_factory=list)            # of Cycle
     reconcile_runs: list = field(default_factory=list)    # of ProcessRun
     generate_seconds: float = 0.0
+    watch: Optional[WatchRun] = None
 
 
 def model(state: scenarios.State) -> Cluster:
@@ -174,6 +202,101 @@ def reconcile_argv(ns: str, url: str, backend: str, *flags: str) -> list:
             "--log-level", "WARNING", *flags]
 
 
+def _server_count(server: ApiServer, since: int) -> tuple[ServerCount, int]:
+    """What the server logged from entry `since` on, and where its log ends."""
+    log = server.requests
+    watches = sum(1 for r in log[since:] if r.params.get("watch") in ("1", "true"))
+    return ServerCount(len(log) - since - watches, watches), len(log)
+
+
+def measure_watch(ns: str, server: ApiServer, backend: str, start: scenarios.State,
+                  change: scenarios.Step, idle_cycles: int = watch_process.IDLE_CYCLES,
+                  timeout: float = CYCLE_TIMEOUT) -> WatchRun:
+    """Serve `start`, run bench.watch_process against it, and once its
+    three watches are open and its idle cycles done, serve `change.state`.
+    Every read of the child has a timeout; the child is killed if it
+    outlives the measurement."""
+    _serve(server, start)
+    server.clear_requests()
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.watch_process",
+            "--api-server", server.url, "--node", synth.NODE, "--backend", backend,
+            "--idle-cycles", str(idle_cycles), "--timeout", str(timeout)]
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                 cwd=REPO)
+
+        def failure(text: str) -> BenchError:
+            try:
+                child.wait(WATCH_FAILED_EXIT)         # a child that reported an error is ending
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            err.seek(0)
+            return BenchError(f"watch process: {text} (exit code {child.returncode}):\n"
+                              f"{_tail(err.read().decode('utf-8', 'replace'))}")
+
+        out = watch_process.LineReader(child.stdout.fileno())
+
+        def receive(step: str) -> dict:
+            try:
+                line = out.read(timeout)
+            except EOFError:
+                raise failure(f"ended before its {step} report") from None
+            if line is None:
+                raise failure(f"no {step} report within {timeout:g} s")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                raise failure(f"not JSON: {line[:200]!r}") from None
+            if not message.get("ok") or message.get("step") != step:
+                raise failure(message.get("error") or f"expected {step}, got {line[:200]!r}")
+            return message
+
+        def send(line: str) -> None:
+            try:
+                child.stdin.write(line.encode() + b"\n")
+                child.stdin.flush()
+            except BrokenPipeError:
+                raise failure(f"gone before {line.split()[0]!r}") from None
+
+        try:
+            synced = receive("synced")
+            deadline = time.monotonic() + WATCH_OPEN_TIMEOUT
+            while server.open_watches() < WATCH_KINDS:
+                if child.poll() is not None:
+                    raise failure(f"ended with {server.open_watches()} of {WATCH_KINDS} watches open")
+                if time.monotonic() > deadline:
+                    raise failure(f"{server.open_watches()} of {WATCH_KINDS} watches open after "
+                                  f"{WATCH_OPEN_TIMEOUT:g} s")
+                time.sleep(0.01)
+            counts = {}
+            counts["start-up"], seen = _server_count(server, 0)
+            send("go")
+            startup = receive("start-up")
+            idle = receive("idle")
+            counts["idle"], seen = _server_count(server, seen)
+            _serve(server, change.state)
+            send(f"changed {time.monotonic()!r}")
+            changed = receive("change")
+            counts["change"], _ = _server_count(server, seen)
+            child.stdin.close()              # end of input: the child stops its watches and exits
+            try:
+                code = child.wait(WATCH_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise failure(f"still running {WATCH_EXIT_TIMEOUT:g} s after its input ended") from None
+            if code != 0:
+                raise failure("exited with an error after its reports")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            for pipe in (child.stdin, child.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+    return WatchRun(synced["seconds"], startup, tuple(idle["cycles"]), changed, change, counts,
+                    changed["rss_kb"])
+
+
 # --- one size -----------------------------------------------------------------
 
 def _serve(server: ApiServer, state: scenarios.State) -> None:
@@ -192,7 +315,9 @@ def run_size(spec: synth.Spec, backend: str, profile_dir: Optional[str] = None,
     process runs NO_CHANGE_REPEATS times and the quickest is kept: the idle
     cycle is judged on time, and the least disturbed run says most about
     the code. `quick` runs it once and measures reconcile.py in the
-    no-change case only."""
+    no-change case only. Last, the watch data source in a process of its
+    own: start-up on the first state and an empty kernel, idle cycles, and
+    the remote pod joining."""
     result = SizeResult(spec, backend)
     start = time.perf_counter()
     cluster = synth.generate(spec)
@@ -247,6 +372,10 @@ def run_size(spec: synth.Spec, backend: str, profile_dir: Optional[str] = None,
                     raise BenchError(f"reconcile.py {' '.join(flags)} exited with {code}:\n"
                                      f"{_tail(stderr)}")
                 result.reconcile_runs.append(ProcessRun(what, code, seconds, rss))
+
+            change = next(s for s in steps if s.key == WATCH_CHANGE)
+            progress(f"{spec.name}: watch mode: start-up, idle cycles, {change.title}")
+            result.watch = measure_watch(ns, server, backend, first, change)
         finally:
             server.stop()
     return result

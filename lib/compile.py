@@ -426,18 +426,15 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
             if not addrs:
                 continue
             with_chains.append((pod, addrs))
-            if egress:
-                chain = comp.pod_chain(pod, EGRESS, egress, family, drop_log(pod, EGRESS, egress))
+            for direction, policies, flag, dispatch in ((EGRESS, egress, "-s", egress_dispatch),
+                                                        (INGRESS, ingress, "-d", ingress_dispatch)):
+                if not policies:
+                    continue
+                chain = comp.pod_chain(pod, direction, policies, family,
+                                       drop_log(pod, direction, policies))
                 chains.append(chain)
-                egress_dispatch.extend(
-                    Rule(("-s", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
-                         f"{pod.key} egress dispatch") for a in addrs)
-            if ingress:
-                chain = comp.pod_chain(pod, INGRESS, ingress, family, drop_log(pod, INGRESS, ingress))
-                chains.append(chain)
-                ingress_dispatch.extend(
-                    Rule(("-d", f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
-                         f"{pod.key} ingress dispatch") for a in addrs)
+                dispatch.extend(Rule((flag, f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
+                                     f"{pod.key} {_DIRECTION[direction]} dispatch") for a in addrs)
         top = _top_rules(family)
         forward = top + egress_dispatch + ingress_dispatch
         incoming = top + egress_dispatch

@@ -191,7 +191,7 @@ def _object_label(namespace: Optional[str], name: str) -> str:
 
 
 def _labels(r: _Report, value: Any, path: str) -> dict[str, str]:
-    """Labels of a pod or namespace: keep every valid entry."""
+    """A label map (of an object, or a selector's matchLabels): every valid entry."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -605,20 +605,7 @@ def _selector(r: _Report, value: Any, path: str) -> Optional[LabelSelector]:
         return None
     start = len(r)
     _unknown_fields(r, value, path, SELECTOR_FIELDS)
-    labels = {}
-    match_labels = value.get("matchLabels")
-    if match_labels is not None:
-        ml_path = path + ".matchLabels"
-        if not isinstance(match_labels, dict):
-            r.add(ml_path, f"must be a map of strings to strings, got {show(match_labels)}")
-        else:
-            for k, v in match_labels.items():
-                if not isinstance(k, str) or not k:
-                    r.add(_key(ml_path, k), "label key must be a non-empty string")
-                elif not isinstance(v, str):
-                    r.add(_key(ml_path, k), f"label value must be a string, got {show(v)}")
-                else:
-                    labels[k] = v
+    labels = _labels(r, value.get("matchLabels"), path + ".matchLabels")
     requirements = set()
     expressions = value.get("matchExpressions")
     if expressions is not None:

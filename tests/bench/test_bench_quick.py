@@ -1,6 +1,6 @@
 """`python -m bench --quick` end to end: the small cluster through the real
-pipeline in a network namespace, its table and its check lines, and nothing
-left behind."""
+pipeline in a network namespace, its tables (poll mode's cycles, and the API
+cost of poll against watch) and its check lines, and nothing left behind."""
 from __future__ import annotations
 
 import os
@@ -22,6 +22,8 @@ CHECKS = ("no change: zero kernel writes", "no change (idle loop cycle): cycle <
           "remote pod joins: apply <=", "iptables rule count does not grow with peer pods",
           "compile grows linearly", "peak memory <=")
 CHECK_LINE = re.compile(r"^(PASS|FAIL)  (.+?)  \|  (.+)$", re.MULTILINE)
+WATCH_COLUMNS = ("start-up", "idle cycle", "remote pod")
+WATCH_KINDS = 3                    # namespaces, pods, policies
 
 
 def _bench_namespaces() -> set[str]:
@@ -36,6 +38,16 @@ def _row(out: str, label: str) -> list[str]:
         if line.startswith("  " + label + "  "):
             return line[len(label) + 2:].split()
     raise AssertionError(f"no table row {label!r} in:\n{out}")
+
+
+def _numbers(out: str, label: str) -> list[int]:
+    return [int(cell.replace(",", "")) for cell in _row(out, label)]
+
+
+def _pairs(out: str, label: str) -> list[tuple[int, int]]:
+    """The cells of a row of "a / b" figures."""
+    cells = re.findall(r"([\d,]+) / ([\d,]+)", " ".join(_row(out, label)))
+    return [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in cells]
 
 
 def test_quick_benchmark_prints_the_table_and_the_checks_and_cleans_up():
@@ -61,6 +73,29 @@ def test_quick_benchmark_prints_the_table_and_the_checks_and_cleans_up():
     # only the idle loop cycle reuses its process's previous compile, and it writes nothing
     assert _row(out, "parse and compile reused") == ["no", "no", "yes", "no", "no", "no", "no"]
     assert _row(out, "iptables lines written")[2] == "0"
+
+    # watch mode beside poll mode: start-up, an idle cycle, one change
+    header = next(line for line in out.splitlines() if line.startswith("API per cycle: poll vs watch"))
+    assert all(title in header for title in WATCH_COLUMNS)
+    poll_requests, poll_bytes = _numbers(out, "poll: requests"), _numbers(out, "poll: bytes")
+    watch_requests, watch_bytes = _numbers(out, "watch: requests"), _numbers(out, "watch: bytes")
+    (lists, watches), idle, change = _pairs(out, "watch: lists / watches (server log)")
+    # start-up: the lists poll mode makes every cycle, once, then one watch per kind
+    assert watches == WATCH_KINDS and lists == poll_requests[0]
+    assert watch_requests[0] == lists + watches
+    assert abs(watch_bytes[0] - poll_bytes[0]) <= poll_bytes[0] // 100
+    # an idle cycle asks nothing of the API server, as the client and the server both count
+    assert watch_requests[1] == 0 and watch_bytes[1] == 0 and idle == (0, 0)
+    assert poll_requests[1] > 0 and poll_bytes[1] > 1_000_000
+    # one pod joining: no request, one event of a few KB against a poll cycle's full lists
+    assert watch_requests[2] == 0 and change == (0, 0)
+    assert 0 < watch_bytes[2] < poll_bytes[2] / 100
+    # the cycle the event triggered did the kernel work poll mode did for the same change
+    ipt, ips = _pairs(out, "iptables / ipset lines written")[2]
+    assert ipt == 0 and ips == int(_row(out, "ipset lines written")[3].replace(",", "")) > 0
+    enforce = _row(out, "time to enforce, from the API change")
+    assert enforce[:2] == ["-", "-"] and 0 < float(enforce[2]) < 30
+    assert 0 < float(_row(out, "time to enforce, from event arrival")[2]) < 30
 
     found = CHECK_LINE.findall(out)
     assert len(found) == len(CHECKS), out

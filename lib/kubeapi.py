@@ -270,6 +270,16 @@ def _from_kubeconfig(path: str) -> ApiConfig:
     def resolve(p):
         return p if os.path.isabs(p) else os.path.join(folder, p)
 
+    def file_field(section: dict, name: str, what: str, suffix: str) -> Optional[str]:
+        """The file that `name`-data (written out) or `name` (a path) gives."""
+        if section.get(f"{name}-data"):
+            return _data_file(section[f"{name}-data"], f"{what}: {name}-data", suffix)
+        if section.get(name):
+            found = resolve(section[name])
+            _check_readable(found, f"{what}: {name}")
+            return found
+        return None
+
     context_name = doc.get("current-context")
     if not context_name:
         raise ApiError(f"{where}: current-context: not set")
@@ -284,13 +294,7 @@ def _from_kubeconfig(path: str) -> ApiConfig:
         raise ApiError(f"{cwhere}: server: not set")
     server = _check_server(server, f"{cwhere}: server")
 
-    ca_file = None
-    if cluster.get("certificate-authority-data"):
-        ca_file = _data_file(cluster["certificate-authority-data"],
-                             f"{cwhere}: certificate-authority-data", "-ca.crt")
-    elif cluster.get("certificate-authority"):
-        ca_file = resolve(cluster["certificate-authority"])
-        _check_readable(ca_file, f"{cwhere}: certificate-authority")
+    ca_file = file_field(cluster, "certificate-authority", cwhere, "-ca.crt")
     verify = True
     if cluster.get("insecure-skip-tls-verify") is True:
         if ca_file:
@@ -321,18 +325,8 @@ def _from_kubeconfig(path: str) -> ApiConfig:
         token_file = resolve(user["tokenFile"])
         _check_readable(token_file, f"{uwhere}: tokenFile")
 
-    client_cert = client_key = None
-    if user.get("client-certificate-data"):
-        client_cert = _data_file(user["client-certificate-data"],
-                                 f"{uwhere}: client-certificate-data", "-client.crt")
-    elif user.get("client-certificate"):
-        client_cert = resolve(user["client-certificate"])
-        _check_readable(client_cert, f"{uwhere}: client-certificate")
-    if user.get("client-key-data"):
-        client_key = _data_file(user["client-key-data"], f"{uwhere}: client-key-data", "-client.key")
-    elif user.get("client-key"):
-        client_key = resolve(user["client-key"])
-        _check_readable(client_key, f"{uwhere}: client-key")
+    client_cert = file_field(user, "client-certificate", uwhere, "-client.crt")
+    client_key = file_field(user, "client-key", uwhere, "-client.key")
     if bool(client_cert) != bool(client_key):
         raise ApiError(f"{uwhere}: client-certificate and client-key must be given together")
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
-import threading
+import time
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING, EXIT_DENIED = 0, 1, 2, 3
 
@@ -27,7 +26,8 @@ commands:
   explain     FROM TO PORT[/PROTOCOL]: would this connection be allowed, and why
               (reads the API only; no root needed)
   status      this node's pods, their isolation and rules, and whether the kernel
-              holds what it should
+              holds what it should (give it the daemon's --log-drops* and
+              --isolate-new-pods/--pod-cidr flags)
 
 --dry-run output (--output, with --once or --cleanup):
   diff        (default) the changes per chain and set, rules and members as +/- lines,
@@ -37,7 +37,8 @@ commands:
   raw         the exact ipset restore / iptables-restore input, in apply order
 
 exit codes:
-  --once                 0 ok, 1 error
+  --once                 0 ok, 1 error (or stopped by a signal while waiting for the API)
+  (the loop)             0 once stopped by SIGTERM or SIGINT
   --once/--cleanup --dry-run
                          0 in sync, 2 changes pending, 1 error
   explain                0 allowed, 3 denied, 1 error (2 is a command-line usage error)
@@ -79,6 +80,34 @@ def _node_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="iptables backend (default auto: the one the node already uses)")
 
 
+def _compile_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """What the node writes beyond the NetworkPolicy API. The enforcer and
+    `status` take the same flags, so that status compares the kernel with
+    what the daemon, given the same flags, writes. In a command they default
+    to SUPPRESS, as the API flags do; --pod-cidr there collects into its own
+    list, joined to the one given before the command's name."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--log-drops", action="store_true", default=default(False),
+                   help='log refused packets of every isolated pod; without it only pods whose '
+                        'NetworkPolicy or Namespace has kube-policy-manager/log-drops: "true"')
+    p.add_argument("--log-drops-target", choices=("nflog", "log"), default=default("nflog"),
+                   help="nflog (default; read with ulogd) or log (kernel log)")
+    p.add_argument("--log-drops-group", type=int, default=default(100), metavar="N",
+                   help="NFLOG group (default 100)")
+    p.add_argument("--log-drops-rate", type=int, default=default(10), metavar="PER_MINUTE",
+                   help="log lines a minute per pod and direction (default 10)")
+    p.add_argument("--log-drops-burst", type=int, default=default(5), metavar="N",
+                   help="burst (default 5)")
+    p.add_argument("--isolate-new-pods", action="store_true", default=default(False),
+                   help="refuse traffic to and from addresses of this node's pod CIDRs that no "
+                        "cycle has seen as a pod yet")
+    p.add_argument("--pod-cidr", action="append", default=default([]), metavar="CIDR",
+                   dest="command_pod_cidr" if suppress else "pod_cidr",
+                   help="this node's pod range, repeatable (default: the Node's spec.podCIDRs)")
+
+
 def _port(text: str):
     from lib.explain import parse_port
     try:
@@ -112,21 +141,7 @@ def parse_args(argv):
     p.add_argument("--no-conntrack-cleanup", dest="conntrack_cleanup", action="store_false",
                    help="after an apply, do not delete the conntrack entries of connections the "
                         "new rules refuse (by default they are cut)")
-    p.add_argument("--log-drops", action="store_true",
-                   help='log refused packets of every isolated pod; without it only pods whose '
-                        'NetworkPolicy or Namespace has kube-policy-manager/log-drops: "true"')
-    p.add_argument("--log-drops-target", choices=("nflog", "log"), default="nflog",
-                   help="nflog (default; read with ulogd) or log (kernel log)")
-    p.add_argument("--log-drops-group", type=int, default=100, metavar="N",
-                   help="NFLOG group (default 100)")
-    p.add_argument("--log-drops-rate", type=int, default=10, metavar="PER_MINUTE",
-                   help="log lines a minute per pod and direction (default 10)")
-    p.add_argument("--log-drops-burst", type=int, default=5, metavar="N", help="burst (default 5)")
-    p.add_argument("--isolate-new-pods", action="store_true",
-                   help="refuse traffic to and from addresses of this node's pod CIDRs that no "
-                        "cycle has seen as a pod yet")
-    p.add_argument("--pod-cidr", action="append", default=[], metavar="CIDR",
-                   help="this node's pod range, repeatable (default: the Node's spec.podCIDRs)")
+    _compile_flags(p, suppress=False)
     p.add_argument("--metrics-port", type=int, default=9101, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz on this port in the loop (0: off)")
     _log_flag(p, suppress=False)
@@ -155,14 +170,18 @@ def parse_args(argv):
         "status", help="this node's pods and whether the kernel holds their rules",
         description="One row per pod of this node: isolated for ingress and egress, policies, "
                     "rules, sets, and whether the kernel matches (in sync, differs, missing); "
-                    "then a summary. Writes nothing. Exit 0 in sync, 2 out of sync, 1 error.")
+                    "then a summary. Give it the drop-logging and new-pod flags the daemon runs "
+                    "with: what the kernel should hold depends on them. Writes nothing. "
+                    "Exit 0 in sync, 2 out of sync, 1 error.")
     st.add_argument("--output", choices=OUTPUTS["status"], default=argparse.SUPPRESS,
                     help="table (default) or json")
     _api_flags(st, suppress=True)
     _node_flags(st, suppress=True)
+    _compile_flags(st, suppress=True)
     _log_flag(st, suppress=True)
 
     args = p.parse_args(argv)
+    args.pod_cidr = args.pod_cidr + vars(args).pop("command_pod_cidr", [])
     if args.interval < 1:
         p.error("--interval must be at least 1 second")
     if args.command:
@@ -218,17 +237,21 @@ def explain_command(args, log) -> int:
 
 def status_command(args, log) -> int:
     from lib import cycle, kernel, kubeapi, status, terminal
+    api = None
     try:
         backend, _ = kernel.detect_backend(args.iptables_backend)
         kern = kernel.Kernel(backend)
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
-        api = kubeapi.ApiClient(config)
+        api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
+        options = compile_options(args, api, log)
     except Exception as exc:  # noqa: BLE001 - start-up errors end the command with a clear line
         log.error(f"start-up failed: {exc}", extra={"event": "startup-error"})
+        if api is not None:
+            api.close()
         return EXIT_ERROR
     with api:
         report = cycle.run_cycle(api.list_cluster, kern, args.node_name, dry_run=True,
-                                 problem_log=cycle.ProblemLog())
+                                 problem_log=cycle.ProblemLog(), options=options)
     if not report.ok:
         return EXIT_ERROR
     node = status.node_status(report.cluster, report.desired, report.kernel, report.plan,
@@ -258,6 +281,14 @@ def compile_options(args, api, log):
         pod_cidrs=pod_cidrs)
 
 
+def _wait_synced(cache, seconds: float, stop) -> None:
+    """Up to `seconds` for the watch caches' first lists, or until a stop."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        if cache.wait_synced(min(0.1, max(0.0, deadline - time.monotonic()))):
+            return
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -270,6 +301,13 @@ def main(argv=None) -> int:
     if args.command == "status":
         return status_command(args, log)
 
+    # SIGTERM and SIGINT never cut a kernel write short: they end the loop
+    # after its cycle, or at once while it waits for the API (see
+    # lib.loop.StopSignals). Installed first, so that a stop during start-up
+    # is kept and a read of the Node object that hangs is abandoned too. A
+    # run stopped before its work is done (--once) exits 1; the loop exits 0.
+    signals = loop.StopSignals().install()
+    stopped_code = EXIT_ERROR if args.once else EXIT_OK
     try:
         backend, reason = kernel.detect_backend(args.iptables_backend)
         log.info(f"iptables backend {backend}", extra={"event": "backend", "backend": backend,
@@ -286,14 +324,24 @@ def main(argv=None) -> int:
             return EXIT_OK
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
         api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
-        options = compile_options(args, api, log)
+        with signals.abandonable():
+            options = compile_options(args, api, log)
+    except loop.Stopped:
+        log.info("stopping during start-up; nothing was written", extra={"event": "stop"})
+        return stopped_code
     except Exception as exc:  # noqa: BLE001 - start-up errors end the program with a clear line
         log.error(f"start-up failed: {exc}", extra={"event": "startup-error"})
         return EXIT_ERROR
 
     problems = cycle.ProblemLog()
     last = cycle.LastCompiled()
-    fetch = api.list_cluster
+
+    def abandonable_fetch():
+        # A hung list ends at a stop signal, not at the read timeout.
+        with signals.abandonable():
+            return api.list_cluster()
+
+    fetch = abandonable_fetch
 
     def one_cycle(dry_run=False):
         # `fetch` is read at call time: watch mode swaps in its cache.
@@ -302,7 +350,11 @@ def main(argv=None) -> int:
                                options=options)
 
     if args.once:
-        report = one_cycle(args.dry_run)
+        try:
+            report = one_cycle(args.dry_run)
+        except loop.Stopped:
+            log.info("stopped during the fetch; nothing was written", extra={"event": "stop"})
+            return stopped_code
         if not report.ok:
             return EXIT_ERROR
         if args.dry_run:
@@ -310,9 +362,7 @@ def main(argv=None) -> int:
             return EXIT_OK if report.plan.empty else EXIT_PENDING
         return EXIT_OK
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = signals.stop
     log.info("starting", extra={"event": "start", "node": args.node_name, "watch": args.watch,
                                 "interval": args.interval, "api": config.source})
     observer = enforced = server = None
@@ -326,8 +376,8 @@ def main(argv=None) -> int:
         cache = watch.ClusterCache(config, on_change=trigger.notify,
                                    timeout=(3.05, args.api_timeout),
                                    stale_after=3 * args.interval).start()
-        cache.wait_synced(args.interval)
-        fetch = cache.snapshot
+        _wait_synced(cache, args.interval, stop)
+        fetch = cache.snapshot          # memory only: nothing to abandon
         run = lambda: trigger.run(one_cycle, enforced)  # noqa: E731
     loop.run_forever(run, args.interval, stop, on_report=observer, trigger=trigger)
     if cache is not None:

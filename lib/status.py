@@ -3,17 +3,24 @@ in rules and sets, and whether the kernel holds what it should.
 
 A pod's chain is only enforced when its dispatch rules in the top chains
 lead to it and the sets its rules match hold the right members, so all
-three are checked, not just the chain.
+three are checked, not just the chain. With new-pod isolation a pod also
+needs to be recognised as known (its addresses in KPM-LOCAL-SRC/-DST, or
+in the known-pods set), or all its traffic is refused: that is checked too.
+
+What the node should hold depends on the compile options the daemon runs
+with (drop logging adds a rule to pod chains, new-pod isolation adds
+chains and a set), so the caller compiles with the same options.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from lib.compile import FORWARD_CHAIN, INPUT_CHAIN, pod_chain_name
+from lib.compile import (FORWARD_CHAIN, INPUT_CHAIN, LOCAL_DST_CHAIN, LOCAL_SRC_CHAIN,
+                         UNKNOWN_CHAIN, local_set_name, pod_chain_name)
 from lib.cycle import count
-from lib.model import EGRESS, INGRESS, Cluster
-from lib.plan import KernelState, Plan, TableState
+from lib.model import EGRESS, INGRESS, Cluster, Pod
+from lib.plan import Change, KernelState, Plan, TableState
 from lib.ruleset import FAMILIES, Chain, DesiredState
 from lib.selectors import ClusterIndex
 from lib.terminal import paint, printable
@@ -43,6 +50,7 @@ class PodStatus:
     chains: tuple[ChainStatus, ...]
     state: str                  # IN_SYNC, DIFFERS or MISSING
     reasons: tuple[str, ...] = ()
+    known: Optional[bool] = None  # with new-pod isolation: the kernel recognises its addresses
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class NodeStatus:
     changes: int
     drift: int
     pods: tuple[PodStatus, ...] = ()
+    node_changes: tuple[Change, ...] = ()   # pending changes that are no pod's chain or set
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +109,77 @@ def _sets_of(chain: Chain, sets: dict) -> list[str]:
     return sorted({a for r in chain.rules for a in r.args if a in sets})
 
 
+@dataclass(frozen=True)
+class _Recognition:
+    """How one family's new-pod isolation recognises known pods, desired and
+    in the kernel: the RETURN rules of pods with chains, by their address
+    argument (`10.244.1.10/32`), and what of them the kernel has ahead of
+    the jump to KPM-UNKNOWN; the set of the other pods."""
+    family: int
+    rules: dict            # chain name -> {address argument: [rule hash, ...]}
+    ahead: dict            # chain name -> set of rule hashes before the jump to KPM-UNKNOWN
+    local_set: str
+    wanted: frozenset      # members the set should hold
+    held: Optional[frozenset]   # members it holds; None when it is missing
+
+
+def _recognition(family: int, chains: dict[str, Chain], wanted_sets: dict,
+                 table: Optional[TableState], kernel: KernelState) -> Optional[_Recognition]:
+    if LOCAL_SRC_CHAIN not in chains:
+        return None                      # new pods are not isolated in this family
+    rules, ahead = {}, {}
+    for name in (LOCAL_SRC_CHAIN, LOCAL_DST_CHAIN):
+        by_arg: dict[str, list[str]] = {}
+        for rule in chains[name].rules:
+            for arg in rule.args:
+                by_arg.setdefault(arg, []).append(rule.hash)
+        rules[name] = by_arg
+        hashes = set()
+        for saved in (table.chains.get(name, ()) if table is not None else ()):
+            if saved.target == UNKNOWN_CHAIN:
+                break
+            hashes.add(saved.hash)
+        ahead[name] = hashes
+    name = local_set_name(family)
+    wanted = wanted_sets.get(name)
+    held = kernel.sets.get(name)
+    return _Recognition(family, rules, ahead, name,
+                        wanted.members if wanted is not None else frozenset(),
+                        held.members if held is not None else None)
+
+
+def _unknown_reasons(pod: Pod, r: _Recognition) -> list[str]:
+    """Why the kernel would take `pod` for an unknown address, refusing all
+    its traffic ([] when it recognises it). A pod with chains is known by a
+    RETURN rule per address in KPM-LOCAL-SRC and -DST, any other by the set."""
+    addrs = [ip for ip in pod.ips if (":" in ip) == (r.family == 6)]
+    host = [f"{a}/{128 if r.family == 6 else 32}" for a in addrs]
+    reasons, by_rule = [], False
+    for name in (LOCAL_SRC_CHAIN, LOCAL_DST_CHAIN):
+        mine = [h for arg in host for h in r.rules[name].get(arg, ())]
+        by_rule = by_rule or bool(mine)
+        if mine and not set(mine) <= r.ahead[name]:
+            reasons.append(f"not known to {name} (IPv{r.family}): its traffic is refused")
+    if by_rule:
+        return reasons
+    expected = sorted(set(addrs) & r.wanted)
+    if r.held is None and expected:
+        reasons.append(f"not known (IPv{r.family}): set {r.local_set} missing: "
+                       "its traffic is refused")
+    elif r.held is not None:
+        missing = [a for a in expected if a not in r.held]
+        if missing:
+            reasons.append(f"not known (IPv{r.family}): {', '.join(missing)} missing from set "
+                           f"{r.local_set}: its traffic is refused")
+    return reasons
+
+
+def _describe(change: Change) -> str:
+    text = f"{change.kind} {change.name} (IPv{change.family})"
+    text += f": {change.detail}" if change.detail else ""
+    return text + (" DRIFT" if change.drift else "")
+
+
 def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, plan: Plan,
                 node: str, backend: str, families: tuple[int, ...] = FAMILIES) -> NodeStatus:
     """`desired` is what the cycle compiled for `node` (families this node
@@ -109,7 +189,10 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
     chain_maps = {f: desired.family(f).chain_map() for f in families}
     tables = {f: kernel.tables.get(f) for f in families}
     tops = {f: _top_hashes(tables[f]) for f in families}
+    recognition = [r for r in (_recognition(f, chain_maps[f], wanted_sets, tables[f], kernel)
+                               for f in families) if r is not None]
     pods = []
+    reported: set[str] = set()          # chain and set names the pod rows account for
     for pod in index.pods:
         if pod.node != node:
             continue
@@ -129,25 +212,33 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
                 sets.update(_sets_of(chain, wanted_sets))
                 chains.append(_chain_status(chain, name, family, desired, table,
                                             tops[family], kernel))
+        checked = [r for r in recognition if any((":" in ip) == (r.family == 6) for ip in pod.ips)]
+        unknown_reasons = [why for r in checked for why in _unknown_reasons(pod, r)]
         states = {c.state for c in chains}
         state = MISSING if MISSING in states else IN_SYNC if states <= {IN_SYNC} else DIFFERS
+        if state == IN_SYNC and unknown_reasons:
+            state = DIFFERS
         reasons = tuple(f"{c.name} (IPv{c.family} {c.direction}): {c.state}"
                         + (f", {c.reason}" if c.reason else "")
-                        for c in chains if c.state != IN_SYNC)
+                        for c in chains if c.state != IN_SYNC) + tuple(unknown_reasons)
+        reported.update(c.name for c in chains)
+        reported.update(sets)
         pods.append(PodStatus(
             pod=pod.key, ips=pod.ips,
             ingress_isolated=any(INGRESS in p.policy_types for p in policies),
             egress_isolated=any(EGRESS in p.policy_types for p in policies),
             policies=tuple(p.key for p in policies),
             rules=sum(c.rules for c in chains), sets=tuple(sorted(sets)),
-            chains=tuple(chains), state=state, reasons=reasons))
+            chains=tuple(chains), state=state, reasons=reasons,
+            known=not unknown_reasons if checked else None))
     counts = count(cluster, desired, node)
     return NodeStatus(
         node=node, backend=backend, families=tuple(families),
         policies=counts.policies, local_pods=counts.local_pods, rules=counts.rules,
         sets=counts.sets, set_members=counts.set_members,
         in_sync=plan.empty, changes=len(plan.changes),
-        drift=sum(1 for c in plan.changes if c.drift), pods=tuple(pods))
+        drift=sum(1 for c in plan.changes if c.drift), pods=tuple(pods),
+        node_changes=tuple(c for c in plan.changes if c.name not in reported))
 
 
 def summary(s: NodeStatus) -> str:
@@ -167,7 +258,8 @@ _COLUMNS = ("POD", "INGRESS", "EGRESS", "POLICIES", "RULES", "SETS", "KERNEL")
 
 def render_table(s: NodeStatus, color: bool = False) -> str:
     """One row per local pod, a summary line, then why each pod that is
-    not in sync differs."""
+    not in sync differs, then the node's other pending changes (top chains,
+    hooks, new-pod isolation, sets no pod uses)."""
     rows = [_COLUMNS]
     for p in s.pods:
         rows.append((printable(p.pod), "isolated" if p.ingress_isolated else "-",
@@ -188,4 +280,6 @@ def render_table(s: NodeStatus, color: bool = False) -> str:
     for p in s.pods:
         for reason in p.reasons:
             lines.append(f"  {printable(p.pod)}: {printable(reason)}")
+    for change in s.node_changes:
+        lines.append(f"  node: {printable(_describe(change))}")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lib.ruleset import short_hash
-from tests.kernel.node import Node, namespace, pod, policy
+from tests.kernel.node import Node, namespace, pod, policy, wait_for
 
 BACKENDS = ("nft", "legacy")
 
@@ -142,3 +142,75 @@ def test_status_with_the_api_down_is_an_error(node):
     failed = node.reconcile("status")
     assert failed.code == 1 and failed.stdout == ""
     assert '"stage": "fetch"' in failed.stderr
+
+
+# --- the daemon's compile options -------------------------------------------------------
+
+POD_CIDRS = ("10.244.1.0/24", "fd00:10:244:1::/64")
+DAEMON_FLAGS = ("--log-drops", "--isolate-new-pods",
+                "--pod-cidr", POD_CIDRS[0], "--pod-cidr", POD_CIDRS[1])
+DB_IN_LOCAL_SRC = "-A KPM-LOCAL-SRC -s 10.244.1.11/32"
+
+
+def pod_rows(result) -> dict[str, str]:
+    """POD -> KERNEL column of a status table."""
+    rows = {}
+    for line in result.stdout.splitlines()[1:]:
+        if not line:
+            break
+        words = line.split()
+        rows[words[0]] = " ".join(words[6:])
+    return rows
+
+
+def test_status_takes_the_daemons_options_and_finds_its_rules_in_sync(node):
+    node.api.set_state(nodes=[{"metadata": {"name": "node-1"},
+                               "spec": {"podCIDRs": list(POD_CIDRS)}}])
+    daemon = node.start_daemon("--interval", "1", *DAEMON_FLAGS)
+    wait_for(lambda: daemon.status("/readyz") == 200, 15, "the daemon's first cycle")
+    save = node.iptables_save(4)
+    assert "-j NFLOG" in save and DB_IN_LOCAL_SRC in save     # what the options add
+    written = node.snapshot()
+
+    same = node.reconcile("status", *DAEMON_FLAGS)
+    assert same.code == 0, same.stdout + same.stderr
+    assert pod_rows(same) == {"x/db": "in sync", "x/free": "in sync", "x/web": "in sync"}
+    assert "; kernel in sync; " in same.stdout and "  node: " not in same.stdout
+    # flags before or after the command's name, the pod ranges from the Node object
+    for argv in (("--log-drops", "--pod-cidr", POD_CIDRS[0], "status", "--isolate-new-pods",
+                  "--pod-cidr", POD_CIDRS[1]),
+                 ("status", "--log-drops", "--isolate-new-pods", "--output", "json")):
+        again = node.reconcile(*argv)
+        assert again.code == 0, (argv, again.stdout, again.stderr)
+    doc = json.loads(again.stdout)
+    assert [(p["pod"], p["state"], p["known"]) for p in doc["pods"]] == [
+        ("x/db", "in sync", True), ("x/free", "in sync", True), ("x/web", "in sync", True)]
+    assert node.reconcile("--once", "--dry-run", *DAEMON_FLAGS).code == 0
+
+    # without the options: the log rules and the new-pod chains are differences
+    plain = node.reconcile("status")
+    assert plain.code == 2, plain.stderr
+    assert pod_rows(plain) == {"x/db": "differs", "x/free": "in sync", "x/web": "differs"}
+    lines = plain.stdout.splitlines()
+    assert f"  x/db: {DB_OUT} (IPv4 egress): differs, rules differ" in lines
+    assert f"  x/web: {WEB_IN} (IPv6 ingress): differs, rules differ" in lines
+    assert "  node: chain-delete KPM-LOCAL-SRC (IPv4): 4 rules" in lines
+    assert any(line.startswith("  node: set-destroy KPM-L4-") for line in lines)
+    log_only = node.reconcile("status", "--log-drops")      # half of them: still differs
+    assert log_only.code == 2 and set(pod_rows(log_only).values()) == {"in sync"}
+    assert "  node: chain-delete KPM-UNKNOWN (IPv6): 3 rules" in log_only.stdout.splitlines()
+    assert node.reconcile("--once", "--dry-run").code == 2
+
+    # a pod the kernel no longer recognises would have no network: status names it
+    daemon.signal()
+    assert daemon.wait(10) == 0                                # or it would repair this
+    number = next(i for i, line in enumerate(node.owned_chain("KPM-LOCAL-SRC"), 1)
+                  if line.startswith(DB_IN_LOCAL_SRC))
+    iptables(node, "-D", "KPM-LOCAL-SRC", str(number))
+    tampered = node.snapshot()
+    cut = node.reconcile("status", *DAEMON_FLAGS)
+    assert cut.code == 2
+    assert pod_rows(cut) == {"x/db": "differs", "x/free": "in sync", "x/web": "in sync"}
+    assert ("  x/db: not known to KPM-LOCAL-SRC (IPv4): its traffic is refused"
+            in cut.stdout.splitlines())
+    assert node.snapshot() == tampered != written             # status wrote nothing

@@ -316,6 +316,95 @@ def test_sigterm_stops_the_loop_promptly_and_leaves_the_rules(node):
         "stopping; rules stay in force"]
 
 
+def test_sigterm_while_the_api_hangs_stops_at_once_and_writes_nothing(node):
+    cluster(node)
+    # A read timeout far longer than the test: waiting for it would show.
+    daemon = node.start_daemon("--interval", "1", "--api-timeout", "30")
+    wait_for(lambda: daemon.status("/readyz") == 200, 15, "the first successful cycle")
+    before = node.snapshot()
+    cluster(node, policies=(WEB, DB_NO_EGRESS, DB_FROM_WEB))   # a cycle that went on would write
+
+    clock = RequestClock(node)
+    node.api.hang_next(60, count=1000, path=PODS)
+    # list_cluster asks for pods right after namespaces: a namespace list
+    # answered now means the next request, the pod list, is hanging.
+    clock.wait(lambda r: r.path == NAMESPACES, 1, 5, "a cycle to start its fetch")
+    time.sleep(0.3)
+    assert daemon.process.poll() is None
+    assert clock.times(lambda r: r.path == PODS) == []      # not answered: still hanging
+
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code = daemon.wait(10)
+    elapsed = time.monotonic() - started
+
+    assert code == 0
+    assert elapsed < 1.5, f"exited {elapsed:.2f} s after SIGTERM"
+    assert node.snapshot() == before
+    assert not has_rule(node, PENDING_COMMENT)
+    log = daemon.log()
+    abandoned = [line for line in log if line.get("event") == "cycle-abandoned"]
+    assert len(abandoned) == 1 and abandoned[0]["reason"] == "SIGTERM"
+    assert not [line for line in log if line.get("event") in ("cycle-error", "cycle-crash")]
+    assert [line["message"] for line in log if line.get("event") == "stop"] == [
+        "stopping; rules stay in force"]
+
+
+def test_sigterm_while_a_once_run_waits_for_the_api_ends_it_with_code_1(node):
+    cluster(node)
+    assert node.reconcile("--once").code == 0
+    before = node.snapshot()
+    cluster(node, policies=(WEB, DB_NO_EGRESS, DB_FROM_WEB))
+    clock = RequestClock(node)
+    node.api.hang_next(60, path=PODS)
+    run = subprocess.Popen(node.reconcile_argv("--once", "--api-timeout", "30"), cwd=REPO,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        clock.wait(lambda r: r.path == NAMESPACES, 1, 10, "the run to start its fetch")
+        time.sleep(0.3)
+        started = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+    assert run.returncode == 1, stderr             # the cycle it was asked for did not happen
+    assert elapsed < 1.5, f"exited {elapsed:.2f} s after SIGTERM"
+    result = Result(run.returncode, "", stderr)
+    assert [line["message"] for line in events(result, "stop")] == [
+        "stopped during the fetch; nothing was written"]
+    assert not events(result, "cycle-error") and "Traceback" not in stderr
+    assert node.snapshot() == before
+
+
+def test_sigterm_during_an_apply_lets_it_finish(node):
+    _many_pods_cluster(node, version=1)
+    daemon = node.start_daemon("--interval", "1")
+    wait_for(lambda: daemon.status("/readyz") == 200, 30, "the first successful cycle")
+    _many_pods_cluster(node, version=2)          # every chain rewritten, every set replaced
+
+    seen: list[list[str]] = []
+    deadline = time.monotonic() + 30
+    while not seen and daemon.process.poll() is None and time.monotonic() < deadline:
+        seen = [a for _, a in _children(daemon.pid) if a and a[0].endswith("tables-nft-restore")]
+        if not seen:
+            time.sleep(0.002)
+    assert seen, "no iptables-nft-restore of the daemon was seen"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+
+    # the signal did not cut the apply short: the kernel holds version 2 in full
+    log = daemon.log()
+    last = [line for line in log if line.get("event") == "cycle"][-1]
+    assert last["applied"] is True and last["changes"] > 0
+    assert log[-1]["event"] == "stop"
+    assert_consistent(node)
+    check = node.reconcile("--once", "--dry-run")
+    assert check.code == 0, check.stdout[-2000:]
+
+
 # --- the kernel refuses a step -----------------------------------------------------------
 
 def test_ipset_refusing_a_set_fails_the_run_before_any_rule(node):

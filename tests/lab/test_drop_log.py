@@ -1,7 +1,10 @@
 """Drop logging with real packets: a refused connection leaves an NFLOG
 record naming the direction and the pod, with the packet's addresses; an
 allowed one leaves none; a pod whose policies and namespace ask for nothing
-is refused silently; the rate limit holds.
+is refused silently; the rate limit holds. First with options chosen per
+cycle in this process, then through the real reconcile.py and the flags an
+operator types (--log-drops and its -target, -group, -rate and -burst), and
+the annotations without the flag.
 
 Records are read with tests/nflog.py, bound to the NFLOG group inside the
 node's namespace. (The LOG target is only loaded and read back here: in a
@@ -164,3 +167,106 @@ def test_the_global_switch_and_the_log_target(root, prefix):
         assert '-j LOG --log-prefix "KPM DROP in x/b "' in saved
         assert "NFLOG" not in saved
         assert all(in_sync(lab, n, options_for(lab, n, log_drops=True, log_target=LOG)) for n in NODES)
+
+
+# --- through reconcile.py's own flags ----------------------------------------------------
+#
+# The same cluster, enforced by the real reconcile.py (--once in each node's
+# namespace, against the lab's API server), so that the flags an operator
+# types are what is checked, not CompileOptions built here.
+
+CLI_GROUP = 7
+CLI_FLAGS = ("--log-drops", "--log-drops-target", "nflog", "--log-drops-group", str(CLI_GROUP),
+             "--log-drops-rate", "1", "--log-drops-burst", "3")
+
+
+def reconcile_py(lab: Lab, *flags: str) -> list:
+    """reconcile.py FLAGS on every node; the outcomes."""
+    return lab.reconcilers.once(flags)
+
+
+def assert_ok(outcomes) -> None:
+    wrong = [o.describe("reconcile.py") for o in outcomes if o.returncode != 0]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_reconcile_py_log_drops_flags(root, prefix):
+    data = yaml.safe_load(CASE)
+    for pol in data["policies"]:
+        pol["metadata"].pop("annotations", None)          # the flag alone asks for logging
+    case = parse_case(data, "test_drop_log.py[reconcile.py flags]")
+    (state,) = case.states
+    with Lab(case, prefix) as lab:
+        lab.set_state(state)
+        node_ns = lab.network.node_ns("node-1")
+        with NflogListener(node_ns, CLI_GROUP) as heard, NflogListener(node_ns, GROUP) as default:
+            assert_ok(reconcile_py(lab, "--once", *CLI_FLAGS))
+            # x/a's egress chain: a burst of 3 (--log-drops-burst), then 1 a minute
+            # (--log-drops-rate): 8 refusals in a row leave 3 records
+            assert [connect(lab, "x/a", "x/c") for _ in range(8)] == [REFUSED] * 8
+            to_c = lab.endpoint("x/c").ipv4
+            heard.wait_count(lambda r: r.dst == to_c, 3, timeout=3.0)
+            time.sleep(0.5)                          # room for any record beyond the burst
+            logged = [r for r in heard.records() if r.dst == to_c]
+            assert len(logged) == 3, [r.line() for r in logged]
+            assert {(r.prefix, r.hook, r.group) for r in logged} == {
+                ("KPM DROP out x/a ", "FORWARD", CLI_GROUP)}
+            # refused by x/b's ingress: named by direction and pod, with the packet's addresses
+            for family in (IPV4, IPV6):
+                assert connect(lab, "x/c", "x/b", family) == REFUSED
+                record = record_of(heard, lab, "x/c", "x/b", family)
+                assert record is not None, f"no record of x/c -> x/b {family}: {heard.records()}"
+                assert (record.prefix, record.protocol) == ("KPM DROP in x/b ", "tcp")
+            # a pod whose policy and namespace ask for nothing: the flag covers it
+            assert connect(lab, "x/b", "y/d") == REFUSED
+            assert record_of(heard, lab, "x/b", "y/d").prefix == "KPM DROP in y/d "
+            # allowed connections leave no record
+            heard.clear()
+            assert connect(lab, "x/a", "x/b") == ALLOWED
+            assert connect(lab, "x/b", "x/c") == ALLOWED
+            assert record_of(heard, lab, "x/a", "x/b", timeout=1.0) is None
+            assert heard.records() == [] and heard.errors() == []
+            assert default.records() == [] and default.errors() == []   # only the group given
+        # the node holds what the flags ask for, and only with them
+        assert_ok(reconcile_py(lab, "--once", "--dry-run", *CLI_FLAGS))
+        assert_ok(reconcile_py(lab, "status", *CLI_FLAGS))
+        plain = reconcile_py(lab, "--once", "--dry-run")
+        # node-2's only pod, x/c, is isolated by nothing: the flag changes nothing there
+        assert {o.node: o.returncode for o in plain} == {"node-1": 2, "node-2": 0}
+
+
+def test_reconcile_py_logs_where_annotations_ask_without_the_flag(root, prefix):
+    case = parse_case(yaml.safe_load(CASE), "test_drop_log.py[reconcile.py annotations]")
+    (state,) = case.states
+    with Lab(case, prefix) as lab:
+        lab.set_state(state)
+        assert_ok(reconcile_py(lab, "--once"))
+        with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
+            # the annotated policies: x/b's ingress and x/a's egress
+            assert connect(lab, "x/c", "x/b") == REFUSED
+            record = record_of(heard, lab, "x/c", "x/b")
+            assert record is not None, heard.records()
+            assert (record.prefix, record.hook, record.group) == ("KPM DROP in x/b ", "FORWARD",
+                                                                  GROUP)
+            assert connect(lab, "x/a", "x/c") == REFUSED
+            assert record_of(heard, lab, "x/a", "x/c").prefix == "KPM DROP out x/a "
+            heard.clear()
+            # allowed, and refused by a policy that asks for nothing: no record
+            assert connect(lab, "x/a", "x/b") == ALLOWED
+            assert connect(lab, "x/b", "y/d") == REFUSED
+            assert record_of(heard, lab, "x/b", "y/d", timeout=1.0) is None
+            assert heard.records() == [] and heard.errors() == []
+
+            # the annotation on a Namespace: every isolated pod of y logs
+            objs = state_objects(case, state)
+            for ns in objs["namespaces"]:
+                if ns["metadata"]["name"] == "y":
+                    ns["metadata"]["annotations"] = {LOG_DROPS_ANNOTATION: "true"}
+            lab.api.set_state(**objs)
+            assert_ok(reconcile_py(lab, "--once"))
+            assert connect(lab, "x/b", "y/d") == REFUSED
+            record = record_of(heard, lab, "x/b", "y/d")
+            assert record is not None, heard.records()
+            assert (record.prefix, record.group) == ("KPM DROP in y/d ", GROUP)
+            assert heard.errors() == []
+        assert_ok(reconcile_py(lab, "--once", "--dry-run"))

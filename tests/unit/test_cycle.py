@@ -2,12 +2,16 @@
 rule that decides whether an applied plan can refuse a flow."""
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
+
+import pytest
 
 from lib import plan as planner
 from lib.compile import compile_node
 from lib.cycle import LastCompiled, fingerprint, may_narrow, run_cycle
 from lib.kubeapi import ClusterObjects
+from lib.loop import Stopped
 from lib.ruleset import HASH_NET, Chain, DesiredState, FamilyState, IpSet, Rule
 from tests.unit.builders import cluster, namespace, pod, pods_peer, policy, rule, sel
 from tests.unit.fake_kernel import FakeKernel, state_of
@@ -193,3 +197,26 @@ def test_without_a_last_compiled_every_cycle_parses():
     reports = [run_cycle(lambda: _api("7"), kernel, NODE, conntrack_cleanup=False)
                for _ in range(2)]
     assert [r.reused for r in reports] == [False, False]
+
+
+# --- a fetch abandoned by a stop signal ---------------------------------------------
+
+def test_a_stop_during_the_fetch_ends_the_cycle_without_a_failure_or_a_write():
+    """Stopped is not one of the failures a cycle reports and the loop backs
+    off from: it leaves run_cycle as it came, and nothing is read or written."""
+    class Watched(_Kernel):
+        calls = 0
+
+        def read(self):
+            Watched.calls += 1
+            return super().read()
+
+    def fetch():
+        raise Stopped("SIGTERM")
+
+    kernel = Watched()
+    assert gc.isenabled()
+    with pytest.raises(Stopped):
+        run_cycle(fetch, kernel, NODE, conntrack_cleanup=False, last=LastCompiled())
+    assert Watched.calls == 0 and kernel.fake.log == []
+    assert gc.isenabled()                  # the collector pause ends with the cycle

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from lib.compile import FORWARD_CHAIN, compile_node, pod_chain_name
+from lib.compile import (FORWARD_CHAIN, LOCAL_SRC_CHAIN, UNKNOWN_CHAIN, CompileOptions,
+                         compile_node, local_set_name, pod_chain_name)
 from lib.model import EGRESS, INGRESS
 from lib.plan import KernelState, diff
 from lib.status import DIFFERS, IN_SYNC, MISSING, STALE, node_status, render_table
@@ -145,3 +146,76 @@ def test_the_table_and_the_document():
 def test_in_sync_summary():
     text = render_table(status_of(state_of(DESIRED)))
     assert "; kernel in sync; backend nft, IPv4+IPv6" in text
+
+
+# --- compile options: what the daemon writes beyond the API -------------------------
+
+OPTIONS = CompileOptions(log_drops=True, isolate_new_pods=True,
+                         pod_cidrs=("10.244.1.0/24", "fd00::/64"))
+WITH_OPTIONS = compile_node(CLUSTER, NODE, options=OPTIONS)
+
+
+def status_with(desired, current: KernelState):
+    return node_status(CLUSTER, desired, current, diff(desired, current), NODE, "nft")
+
+
+def test_a_kernel_written_with_options_is_in_sync_only_against_the_same_options():
+    current = state_of(WITH_OPTIONS)
+    same = status_with(WITH_OPTIONS, current)
+    assert same.in_sync and same.node_changes == ()
+    assert {p.pod: (p.state, p.known) for p in same.pods} == {
+        "x/db": (IN_SYNC, True), "x/free": (IN_SYNC, True), "x/web": (IN_SYNC, True)}
+
+    plain = status_with(DESIRED, current)
+    assert not plain.in_sync
+    by = pods(plain)
+    # the drop-log rule: every isolated pod's chains differ
+    assert by["x/web"].state == by["x/db"].state == DIFFERS
+    assert f"{pod_chain_name(DB, EGRESS)} (IPv4 egress): differs, rules differ" in by["x/db"].reasons
+    assert by["x/free"].state == IN_SYNC and by["x/free"].known is None
+    # new-pod isolation is no pod's: named as the node's
+    removed = {(c.kind, c.name, c.family) for c in plain.node_changes}
+    assert {("chain-delete", LOCAL_SRC_CHAIN, 4), ("chain-delete", UNKNOWN_CHAIN, 6),
+            ("set-destroy", local_set_name(4), 4)} <= removed
+    text = render_table(plain)
+    # a RETURN per address of x/db and x/web, the known-pods set, the jump to KPM-UNKNOWN
+    assert f"  node: chain-delete {LOCAL_SRC_CHAIN} (IPv4): 4 rules" in text.splitlines()
+
+
+def test_with_new_pod_isolation_a_pod_the_kernel_does_not_recognise_differs():
+    current = state_of(WITH_OPTIONS)
+    # x/web has chains: known by its RETURN rule in KPM-LOCAL-SRC
+    saved = current.tables[4].chains[LOCAL_SRC_CHAIN]
+    current = set_chain(current, 4, LOCAL_SRC_CHAIN,
+                        tuple(r for r in saved if "10.244.1.10/32" not in r.spec))
+    # x/free has none: known through the set
+    name = local_set_name(4)
+    members = current.sets[name].members - {"10.244.1.12"}
+    current = dataclasses.replace(current, sets={
+        **current.sets, name: dataclasses.replace(current.sets[name], members=members)})
+    s = status_with(WITH_OPTIONS, current)
+    by = pods(s)
+    assert (by["x/web"].state, by["x/web"].known) == (DIFFERS, False)
+    assert by["x/web"].reasons == (
+        f"not known to {LOCAL_SRC_CHAIN} (IPv4): its traffic is refused",)
+    assert (by["x/free"].state, by["x/free"].known) == (DIFFERS, False)
+    assert by["x/free"].reasons == (
+        f"not known (IPv4): 10.244.1.12 missing from set {name}: its traffic is refused",)
+    assert (by["x/db"].state, by["x/db"].known) == (IN_SYNC, True)
+    # the chain as a whole is the node's change
+    assert [(c.kind, c.name) for c in s.node_changes if c.kind.startswith("chain")] == [
+        ("chain-rewrite", LOCAL_SRC_CHAIN)]
+    doc = json.loads(json.dumps(s.as_dict()))
+    assert doc["pods"][2]["known"] is False
+    assert {c["name"] for c in doc["node_changes"]} == {LOCAL_SRC_CHAIN, name}
+
+
+def test_with_the_known_pods_set_gone_every_pod_without_chains_differs():
+    current = state_of(WITH_OPTIONS)
+    name = local_set_name(4)
+    current = dataclasses.replace(current, sets={n: s for n, s in current.sets.items()
+                                                 if n != name})
+    by = pods(status_with(WITH_OPTIONS, current))
+    assert by["x/free"].reasons == (
+        f"not known (IPv4): set {name} missing: its traffic is refused",)
+    assert by["x/web"].known is True and by["x/db"].known is True   # known by their rules

@@ -6,7 +6,9 @@ written (or, in apply, before the next step), so the rules in force stay.
 A process that runs many cycles passes a LastCompiled: while the API
 returns the same objects (same identities and resourceVersions), parse and
 compile are skipped and the previous Cluster and DesiredState reused, so an
-idle cycle costs the fetch, the kernel read and the diff. The kernel is
+idle cycle costs the fetch, the kernel read and the diff. After a change,
+only the changed objects are parsed again; compile runs on the whole
+cluster. The kernel is
 read and diffed every cycle all the same: drift is found whatever the API
 says.
 """
@@ -118,10 +120,12 @@ class Compiled:
 class LastCompiled:
     """The previous cycle's Compiled, kept by a process for its next cycle.
     It is dropped before a recompilation, so that two clusters are never
-    held at once."""
+    held at once; `memo` keeps what each object parsed to, so that a
+    recompilation parses only the objects that changed."""
 
     def __init__(self) -> None:
         self.compiled: Optional[Compiled] = None
+        self.memo = objects.ParseMemo()
 
 
 def may_narrow(the_plan: Plan, desired: DesiredState) -> bool:
@@ -235,7 +239,8 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
             if last is not None:
                 last.compiled = None          # freed before the next one is built
             return key, None, objects.parse_cluster(
-                fetched.namespaces, fetched.pods, fetched.policies)
+                fetched.namespaces, fetched.pods, fetched.policies,
+                memo=last.memo if last is not None else None)
 
         key, compiled, parsed = stage("parse", recognise_or_parse)
         state["reused"] = compiled is not None

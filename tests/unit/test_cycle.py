@@ -188,6 +188,16 @@ def test_the_same_objects_are_not_parsed_again_and_a_change_is():
     assert "10.0.2.99" in {m for s in changed.desired.sets for m in s.members}
 
 
+def test_after_a_change_only_the_changed_object_is_parsed_again():
+    last = LastCompiled()
+    first, changed = _cycles(_api("7"), _api("7", client_ip="10.0.2.99"), last=last)
+    assert not changed.reused
+    # namespace, web pod and policy reused; the client pod has a new version
+    assert last.memo.hits == 3
+    fresh = _cycles(_api("7", client_ip="10.0.2.99"))[0]
+    assert changed.cluster == fresh.cluster and changed.desired == fresh.desired
+
+
 def test_objects_without_a_resource_version_are_parsed_every_cycle():
     assert [r.reused for r in _cycles(_api(None), _api(None))] == [False, False]
 

@@ -110,6 +110,8 @@ def compile_linear(s: Scaling) -> Check:
 def peak_memory(result: SizeResult) -> Check:
     figures = [(f"reconcile.py {run.what}", _mb(run.peak_rss_kb)) for run in result.reconcile_runs]
     figures += [(f"cycle process, {c.step.title}", _mb(c.result["rss_kb"])) for c in result.cycles]
+    if result.watch is not None:
+        figures.append(("watch-mode process", _mb(result.watch.rss_kb)))
     where, peak = max(figures, key=lambda f: f[1])
     return Check(f"peak memory <= {MAX_PEAK_MB:g} MB", peak <= MAX_PEAK_MB,
                  f"{peak:.0f} MB ({where})")

@@ -103,8 +103,9 @@ def compile_linear(s: Scaling) -> Check:
     growth = s.doubled_compile / s.base_compile if s.base_compile else float("inf")
     return Check(f"compile grows linearly: x{MAX_COMPILE_GROWTH:g} at most for twice the cluster",
                  growth <= MAX_COMPILE_GROWTH,
-                 f"{s.base_compile:.3f} s ({s.base.pods:,} pods, {s.base.policies:,} policies) -> "
-                 f"{s.doubled_compile:.3f} s ({s.doubled.pods:,}, {s.doubled.policies:,}): x{growth:.2f}")
+                 f"{s.base_compile:.3f} CPU s ({s.base.pods:,} pods, {s.base.policies:,} policies) -> "
+                 f"{s.doubled_compile:.3f} CPU s ({s.doubled.pods:,}, {s.doubled.policies:,}): "
+                 f"x{growth:.2f}")
 
 
 def peak_memory(result: SizeResult) -> Check:

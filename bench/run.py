@@ -118,8 +118,10 @@ def member_count(desired: DesiredState) -> int:
 
 
 def compile_seconds(clusters: list[Cluster], repeats: int = COMPILE_REPEATS) -> list[float]:
-    """Best of a few compilations of each cluster, taken in turns with all
-    of them in memory, so that a busy machine weighs on each alike. The
+    """Best of a few compilations of each cluster, in CPU seconds of this
+    process (what compiling costs, whatever else shares the machine), taken
+    in turns with all of them in memory, so that a busy machine weighs on
+    each alike. The
     cyclic garbage collector is paused as in a reconcile cycle (lib.cycle):
     otherwise its passes, which walk every live object, would be timed too,
     and they grow with whatever else the benchmark holds."""
@@ -130,9 +132,9 @@ def compile_seconds(clusters: list[Cluster], repeats: int = COMPILE_REPEATS) -> 
             for i, cluster in enumerate(clusters):
                 gc.collect()
                 gc.disable()
-                start = time.perf_counter()
+                start = time.process_time()
                 compile_node(cluster, synth.NODE)
-                best[i] = min(best[i], time.perf_counter() - start)
+                best[i] = min(best[i], time.process_time() - start)
                 gc.enable()
     finally:
         if was_enabled:

@@ -228,7 +228,7 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
 
     try:
         fetched = stage("fetch", fetch)
-        state["api"] = fetched
+        state["api_cost"] = (getattr(fetched, "requests", 0), getattr(fetched, "bytes", 0))
         families = tuple(getattr(kernel, "families", (4, 6)))
 
         def recognise_or_parse():
@@ -243,6 +243,9 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
                 memo=last.memo if last is not None else None)
 
         key, compiled, parsed = stage("parse", recognise_or_parse)
+        # Nothing past parse reads the API objects: freed before compile and
+        # the kernel read, they do not add to the cycle's peak memory.
+        fetched = None
         state["reused"] = compiled is not None
         if compiled is None:
             state["cluster"] = parsed
@@ -301,14 +304,14 @@ def _cut_refused_connections(kernel, cluster, node, seconds) -> None:
 
 def _report(ok, seconds, state, node, **kw) -> CycleReport:
     cluster, desired = state.get("cluster"), state.get("desired")
-    api = state.get("api")
+    api_requests, api_bytes = state.get("api_cost", (0, 0))
     return CycleReport(
         ok=ok, seconds=dict(seconds),
         counts=count(cluster, desired, node) if cluster and desired else Counts(),
         plan=state.get("plan"),
         failed_stage=kw.get("failed_stage"), error=kw.get("error"),
         applied=kw.get("applied", False), apply_stats=kw.get("stats"),
-        api_requests=getattr(api, "requests", 0), api_bytes=getattr(api, "bytes", 0),
+        api_requests=api_requests, api_bytes=api_bytes,
         cluster=cluster, desired=desired, kernel=state.get("kernel"),
         reused=bool(state.get("reused")),
     )

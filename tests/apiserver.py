@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,21 @@ def _status(code: int, reason: str, message: str) -> bytes:
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code,
     }, separators=(",", ":")).encode()
+
+
+def _non_negative(text: str, parse: Callable[[str], Any]) -> Any:
+    """The number `text` holds by `parse` (int or float); None when it holds
+    none, or a negative one, which no query parameter of ours accepts."""
+    try:
+        value = parse(text)
+    except ValueError:
+        return None
+    return None if value < 0 else value
+
+
+def _invalid(param: str, text: str) -> tuple[int, bytes]:
+    """The answer to a query parameter whose value cannot be used."""
+    return 400, _status(400, "BadRequest", f"{param}: invalid value {text!r}")
 
 
 def _reason(status: int) -> str:
@@ -847,21 +862,13 @@ class ApiServer:
             if params.get(unsupported):
                 return 400, _status(400, "BadRequest", f"{unsupported} is not supported by this test server")
         rv_text = params.get("resourceVersion", "")
-        since = 0
-        if rv_text not in ("", "0"):
-            try:
-                since = int(rv_text)
-                if since < 0:
-                    raise ValueError
-            except ValueError:
-                return 400, _status(400, "BadRequest", f"resourceVersion: invalid value {rv_text!r}")
+        since = _non_negative(rv_text, int) if rv_text else 0
+        if since is None:
+            return _invalid("resourceVersion", rv_text)
         seconds_text = params.get("timeoutSeconds", "")
-        try:
-            seconds = float(seconds_text) if seconds_text else 0.0
-            if seconds < 0:
-                raise ValueError
-        except ValueError:
-            return 400, _status(400, "BadRequest", f"timeoutSeconds: invalid value {seconds_text!r}")
+        seconds = _non_negative(seconds_text, float) if seconds_text else 0.0
+        if seconds is None:
+            return _invalid("timeoutSeconds", seconds_text)
         seconds = seconds or self.watch_seconds
         bookmarks = params.get("allowWatchBookmarks") in ("1", "true")
 
@@ -988,12 +995,9 @@ class ApiServer:
 
     def _list(self, resource: _Resource, namespace: str, params: dict) -> tuple[int, bytes]:
         limit_text = params.get("limit", "")
-        try:
-            limit = int(limit_text) if limit_text else 0
-            if limit < 0:
-                raise ValueError
-        except ValueError:
-            return 400, _status(400, "BadRequest", f"limit: invalid value {limit_text!r}")
+        limit = _non_negative(limit_text, int) if limit_text else 0
+        if limit is None:
+            return _invalid("limit", limit_text)
         token = params.get("continue") or ""
         if token:
             if params.get("resourceVersion"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.apiserver import ApiServer
 from tests.lab.netns import inside
+from tests.scratch_netns import bound_socket
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "node-1"
@@ -112,12 +113,15 @@ class Daemon:
     """reconcile.py in its loop, in the background inside the node's namespace.
 
     Its stderr goes to a file: a pipe nobody reads would fill up and stall it.
+    That file's offset is shared with the process, which writes at it: the
+    log is read with positional reads that leave it alone, as a seek to the
+    start would make the next line overwrite the first ones.
     """
 
     def __init__(self, netns: str, argv: list[str], metrics_port: int):
         self.netns = netns
         self.metrics_port = metrics_port
-        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self._stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._stderr,
                                         cwd=REPO)
 
@@ -155,9 +159,9 @@ class Daemon:
         return None
 
     def log(self) -> list[dict]:
-        self._stderr.flush()
-        self._stderr.seek(0)
-        return json_lines(self._stderr.read())
+        fd = self._stderr.fileno()
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+        return json_lines(text)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.process.send_signal(sig)
@@ -177,11 +181,7 @@ class Node:
     def __init__(self, netns: str, backend: str = "nft"):
         self.netns = netns
         self.backend = backend
-        with inside(netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.api = ApiServer(sock=sock).start()
+        self.api = ApiServer(sock=bound_socket(netns)).start()
         self.api_address = self.api.address     # still known once the server is stopped
         self.daemons: list[Daemon] = []
 
@@ -199,11 +199,7 @@ class Node:
         first); give it its objects again with set_state()."""
         host, port = self.api_address
         self.api.stop()
-        with inside(self.netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.api = ApiServer(sock=sock).start()
+        self.api = ApiServer(sock=bound_socket(self.netns, host, port)).start()
         return self.api
 
     def start_daemon(self, *flags: str, metrics_port: int = METRICS_PORT) -> Daemon:

@@ -127,12 +127,12 @@ class Reconcilers:
             self._loops[node] = (proc, log)
 
     def loop_log(self, node: str) -> str:
+        """Read by position: the file's offset is shared with the process
+        writing it, and a seek to the start would make its next line
+        overwrite the first ones."""
         _, log = self._loops[node]
-        log.flush()
-        log.seek(0)
-        text = log.read()
-        log.seek(0, 2)
-        return text
+        fd = log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
 
     def dead_loops(self) -> list[Outcome]:
         return [Outcome(node, proc.returncode, "", self.loop_log(node))

@@ -152,14 +152,27 @@ def log_rule(options: CompileOptions, prefix: str, text: str) -> Rule:
     return Rule(limit + target, text)
 
 
+def peers_scope(namespace: str, peers: Optional[tuple[Peer, ...]]) -> str:
+    """The policy's namespace when what the peers match depends on it (a
+    podSelector without a namespaceSelector), else "": peers that select by
+    namespace labels or address (and "any peer", None) match the same
+    everywhere, so the same peers in many namespaces' policies share a set."""
+    if peers is None:
+        return ""
+    if any(p.pod_selector is not None and p.namespace_selector is None for p in peers):
+        return namespace
+    return ""
+
+
 def net_set_name(namespace: str, peers: tuple[Peer, ...], family: int) -> str:
-    return f"{PREFIX}N{family}-" + short_hash(namespace, repr(peers), str(family))
+    return f"{PREFIX}N{family}-" + short_hash(peers_scope(namespace, peers), repr(peers),
+                                               str(family))
 
 
 def port_set_name(namespace: str, peers: Optional[tuple[Peer, ...]], family: int,
                   protocol: str, port_name: str) -> str:
-    return f"{PREFIX}P{family}-" + short_hash(namespace, repr(peers), str(family),
-                                               protocol, port_name)
+    return f"{PREFIX}P{family}-" + short_hash(peers_scope(namespace, peers), repr(peers),
+                                               str(family), protocol, port_name)
 
 
 def set_member(net: Network) -> list[str]:

@@ -623,6 +623,36 @@ def test_identical_peers_share_a_set_and_egress_named_ports_use_ip_port_sets():
     assert ports == {4: {"10.2.0.10,tcp:8080"}, 6: {"fd00:2::10,tcp:8080"}}
 
 
+def test_peers_that_do_not_depend_on_the_policy_namespace_share_a_set_across_namespaces():
+    """Policies in x and y: a namespaceSelector or ipBlock peer (and an
+    egress named port towards any peer) selects the same pods from either
+    namespace, so one set serves both; a bare podSelector selects in the
+    policy's own namespace, so each namespace has its own set."""
+    c = cluster(namespace("x"), namespace("y"),
+                pod("x/a", "n1", ("10.0.1.1",), {"app": "a"}),
+                pod("y/a", "n1", ("10.0.2.1",), {"app": "a"}),
+                pod("x/b", "n2", ("10.0.1.2",), {"app": "b"}, ports=(cport(8080, "http"),)),
+                pod("y/b", "n2", ("10.0.2.2",), {"app": "b"}, ports=(cport(8080, "http"),)),
+                [policy(f"{ns}/p", sel({"app": "a"}), types=[INGRESS, EGRESS],
+                        ingress=[rule([ns_peer()]), rule([block("192.0.2.0/24")]),
+                                 rule([pods_peer({"app": "b"})])],
+                        egress=[rule(None, [pport("http")])])
+                 for ns in ("x", "y")])
+    state = compile_node(c, "n1")
+    v4 = {s.name: s.members for s in state.sets if s.family == 4}
+    by_members = {frozenset(m): n for n, m in v4.items()}
+    # shared: every pod, the ipBlock, the named port; per namespace: app=b of x, of y
+    assert len(v4) == 5
+    assert by_members[frozenset({"10.0.1.2"})] != by_members[frozenset({"10.0.2.2"})]
+    assert frozenset({"10.0.1.2,tcp:8080", "10.0.2.2,tcp:8080"}) in by_members
+    assert frozenset({"192.0.2.0/24"}) in by_members
+    assert frozenset({"10.0.1.1", "10.0.1.2", "10.0.2.1", "10.0.2.2"}) in by_members
+    # the shared named-port set allows what each policy says, from either namespace
+    for src in ("10.0.1.1", "10.0.2.1"):
+        assert trace(state, 4, "FORWARD", Packet(src, "10.0.2.2", dport=8080)) == ALLOW
+        assert trace(state, 4, "FORWARD", Packet(src, "10.0.1.2", dport=9090)) != ALLOW
+
+
 def test_names_are_within_the_kernel_limits():
     long_ns = "n" * 63
     c = cluster(pod(f"{long_ns}/{'p' * 253}", "n1", ("10.0.0.1", "fd00::1")),

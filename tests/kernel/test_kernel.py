@@ -94,6 +94,29 @@ def test_hook_goes_first_and_keeps_admin_policy_and_rules(netns, backend, family
     ]
 
 
+# --- reading: an unchanged state is not parsed again, a changed one is ---------
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_a_read_of_the_same_state_reuses_its_parse_and_any_change_is_seen(netns, backend):
+    k = Kernel(backend, netns=netns, families=(4,))
+    k.apply(Plan(iptables={4: HOOK_PAYLOAD},
+                 ipset_prepare="create KPM-N4-test hash:net family inet\nadd KPM-N4-test 10.0.0.1\n"))
+    first = k.read()
+    time.sleep(1.1)          # iptables-save's dated comments now differ
+    in_ns(netns, "ping", "-c", "1", "-W", "1", "127.0.0.1", check=False)   # counters move
+    again = k.read()
+    assert again.tables[4] is first.tables[4] and again.sets == first.sets
+
+    # a foreign policy change, our rule deleted, a member added: each is read
+    in_ns(netns, iptables(backend, 4), "-P", "INPUT", "DROP")
+    assert k.read().tables[4].policies["INPUT"] == "DROP"
+    in_ns(netns, iptables(backend, 4), "-D", "KPM-FORWARD", "-m", "conntrack", "--ctstate",
+          "RELATED,ESTABLISHED", "-j", "RETURN")
+    assert k.read().tables[4].chains["KPM-FORWARD"] == ()
+    in_ns(netns, "ipset", "add", "KPM-N4-test", "10.0.0.2")
+    assert k.read().sets["KPM-N4-test"].members == {"10.0.0.1", "10.0.0.2"}
+
+
 # --- restore facts: a block is all or nothing ----------------------------------
 
 @pytest.mark.parametrize("backend,family", BACKEND_FAMILIES)

@@ -31,7 +31,7 @@ from tests.apiserver import ApiServer
 REPO = Path(__file__).resolve().parents[1]
 CYCLE_TIMEOUT = 600.0
 GNU_TIME = "/usr/bin/time"
-COMPILE_REPEATS = 5
+COMPILE_REPEATS = 9
 NO_CHANGE_REPEATS = 3
 WATCH_KINDS = 3                  # namespaces, pods, policies: one list and one watch each
 WATCH_OPEN_TIMEOUT = 30.0

@@ -294,6 +294,14 @@ def test_loop_survives_the_api_server_going_away(node):
 
 # --- SIGTERM -------------------------------------------------------------------------
 
+def sigterm(daemon) -> tuple[int, float]:
+    """SIGTERM the daemon; its exit code and the seconds it took to exit."""
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code = daemon.wait(10)
+    return code, time.monotonic() - started
+
+
 def test_sigterm_stops_the_loop_promptly_and_leaves_the_rules(node):
     cluster(node)
     daemon = node.start_daemon("--interval", "1")
@@ -304,10 +312,7 @@ def test_sigterm_stops_the_loop_promptly_and_leaves_the_rules(node):
     wait_for(lambda: len([line for line in daemon.log() if line.get("event") == "cycle"]) > done,
              5, "the next cycle to end", step=0.01)
 
-    started = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    code = daemon.wait(10)
-    elapsed = time.monotonic() - started
+    code, elapsed = sigterm(daemon)
 
     assert code == 0
     assert elapsed < 1.0, f"exited {elapsed:.2f} s after SIGTERM"
@@ -333,10 +338,7 @@ def test_sigterm_while_the_api_hangs_stops_at_once_and_writes_nothing(node):
     assert daemon.process.poll() is None
     assert clock.times(lambda r: r.path == PODS) == []      # not answered: still hanging
 
-    started = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    code = daemon.wait(10)
-    elapsed = time.monotonic() - started
+    code, elapsed = sigterm(daemon)
 
     assert code == 0
     assert elapsed < 1.5, f"exited {elapsed:.2f} s after SIGTERM"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import textwrap
 import time
 
+import pytest
 import yaml
 
 from lib.compile import LOG
@@ -85,12 +86,21 @@ def cycle(lab: Lab, **options) -> None:
         enforce(lab, node, options_for(lab, node, **options))
 
 
-def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix):
-    case = parse_case(yaml.safe_load(CASE), "test_drop_log.py")
+@pytest.mark.parametrize("how", ["in-process", "reconcile.py"])
+def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix, how):
+    """Without --log-drops, by an in-process cycle and by `reconcile.py --once`."""
+    case = parse_case(yaml.safe_load(CASE), f"test_drop_log.py[{how}]")
     (state,) = case.states
+
+    def cycle_all(lab: Lab) -> None:
+        if how == "in-process":
+            cycle(lab)
+        else:
+            assert_ok(reconcile_py(lab, "--once"))
+
     with Lab(case, prefix) as lab:
         lab.set_state(state)
-        cycle(lab)
+        cycle_all(lab)
         with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
             # refused by x/b's ingress (annotated policy), on x/b's node
             for family in (IPV4, IPV6):
@@ -121,7 +131,7 @@ def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix
                 if ns["metadata"]["name"] == "y":
                     ns["metadata"]["annotations"] = {LOG_DROPS_ANNOTATION: "true"}
             lab.api.set_state(**objs)
-            cycle(lab)
+            cycle_all(lab)
             heard.clear()
             # 20 refusals in a row: the rewritten chain's burst (5) is logged,
             # then at most one every 6 s (10 a minute)
@@ -135,6 +145,7 @@ def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix
             assert {r.prefix for r in logged} == {"KPM DROP in y/d "}
             assert heard.errors() == []
         assert all(in_sync(lab, n, options_for(lab, n)) for n in NODES)
+        assert_ok(reconcile_py(lab, "--once", "--dry-run"))
 
 
 def test_the_global_switch_and_the_log_target(root, prefix):
@@ -233,40 +244,3 @@ def test_reconcile_py_log_drops_flags(root, prefix):
         plain = reconcile_py(lab, "--once", "--dry-run")
         # node-2's only pod, x/c, is isolated by nothing: the flag changes nothing there
         assert {o.node: o.returncode for o in plain} == {"node-1": 2, "node-2": 0}
-
-
-def test_reconcile_py_logs_where_annotations_ask_without_the_flag(root, prefix):
-    case = parse_case(yaml.safe_load(CASE), "test_drop_log.py[reconcile.py annotations]")
-    (state,) = case.states
-    with Lab(case, prefix) as lab:
-        lab.set_state(state)
-        assert_ok(reconcile_py(lab, "--once"))
-        with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
-            # the annotated policies: x/b's ingress and x/a's egress
-            assert connect(lab, "x/c", "x/b") == REFUSED
-            record = record_of(heard, lab, "x/c", "x/b")
-            assert record is not None, heard.records()
-            assert (record.prefix, record.hook, record.group) == ("KPM DROP in x/b ", "FORWARD",
-                                                                  GROUP)
-            assert connect(lab, "x/a", "x/c") == REFUSED
-            assert record_of(heard, lab, "x/a", "x/c").prefix == "KPM DROP out x/a "
-            heard.clear()
-            # allowed, and refused by a policy that asks for nothing: no record
-            assert connect(lab, "x/a", "x/b") == ALLOWED
-            assert connect(lab, "x/b", "y/d") == REFUSED
-            assert record_of(heard, lab, "x/b", "y/d", timeout=1.0) is None
-            assert heard.records() == [] and heard.errors() == []
-
-            # the annotation on a Namespace: every isolated pod of y logs
-            objs = state_objects(case, state)
-            for ns in objs["namespaces"]:
-                if ns["metadata"]["name"] == "y":
-                    ns["metadata"]["annotations"] = {LOG_DROPS_ANNOTATION: "true"}
-            lab.api.set_state(**objs)
-            assert_ok(reconcile_py(lab, "--once"))
-            assert connect(lab, "x/b", "y/d") == REFUSED
-            record = record_of(heard, lab, "x/b", "y/d")
-            assert record is not None, heard.records()
-            assert (record.prefix, record.group) == ("KPM DROP in y/d ", GROUP)
-            assert heard.errors() == []
-        assert_ok(reconcile_py(lab, "--once", "--dry-run"))

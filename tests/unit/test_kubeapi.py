@@ -66,20 +66,6 @@ def pki(tmp_path_factory):
 
 
 @pytest.fixture
-def serve():
-    """Start ApiServers that are stopped when the test ends, whatever happens."""
-    started = []
-
-    def start(**kwargs):
-        server = ApiServer(**kwargs)
-        started.append(server)
-        return server.start()
-    yield start
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
 def tls_serve(serve, pki):
     def start(**kwargs):
         return serve(tls_cert=pki.server.cert, tls_key=pki.server.key, **kwargs)

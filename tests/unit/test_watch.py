@@ -10,7 +10,6 @@ from lib import objects
 from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiError, WatchEventError,
                          load_config)
 from lib.watch import ClusterCache, Trigger, WatchCache
-from tests.apiserver import ApiServer
 
 
 # -- objects -----------------------------------------------------------------------
@@ -65,20 +64,15 @@ def lists(requests, path=None):
 # -- fixtures ----------------------------------------------------------------------
 
 @pytest.fixture
-def serve():
-    started = []
-
+def serve(serve):
+    """conftest's serve, with this module's objects and no bookmarks unless asked."""
     def start(**kwargs):
         kwargs.setdefault("namespaces", NAMESPACES_0)
         kwargs.setdefault("pods", PODS_0)
         kwargs.setdefault("policies", POLICIES_0)
         kwargs.setdefault("bookmark_seconds", 3600)
-        server = ApiServer(**kwargs)
-        started.append(server)
-        return server.start()
-    yield start
-    for server in started:
-        server.stop()
+        return serve(**kwargs)
+    return start
 
 
 @pytest.fixture

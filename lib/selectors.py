@@ -74,12 +74,18 @@ class ClusterIndex:
             p for ns in self.pods_by_namespace for p in self.pods_by_namespace[ns])
         self._ordinal: dict[int, int] = {id(p): i for i, p in enumerate(self.pods)}
 
-        # (namespace, (key, value)) -> pods carrying that label, in pod order
-        postings: dict[tuple[str, tuple[str, str]], list[Pod]] = defaultdict(list)
-        for pod in self.pods:
-            for pair in pod.labels:
-                postings[(pod.namespace, pair)].append(pod)
-        self._postings = postings
+        # namespace -> (key, value) -> pods carrying that label, in pod order
+        self._postings: dict[str, dict[tuple[str, str], list[Pod]]] = {}
+        for ns, pods in self.pods_by_namespace.items():
+            postings: dict[tuple[str, str], list[Pod]] = {}
+            for pod in pods:
+                for pair in pod.labels:
+                    found = postings.get(pair)
+                    if found is None:
+                        postings[pair] = [pod]
+                    else:
+                        found.append(pod)
+            self._postings[ns] = postings
 
         policies: dict[str, list[NetworkPolicy]] = defaultdict(list)
         for pol in sorted(cluster.policies, key=lambda p: (p.namespace, p.name)):
@@ -118,8 +124,9 @@ class ClusterIndex:
         if selector.match_nothing:
             return ()
         best: Optional[list[Pod]] = None
+        postings = self._postings.get(namespace, {})
         for pair in selector.match_labels:
-            posting = self._postings.get((namespace, pair), ())
+            posting = postings.get(pair, ())
             if best is None or len(posting) < len(best):
                 best = posting
                 if not best:

@@ -29,11 +29,11 @@ def _pick(value: Any, keys: tuple[str, ...]) -> Any:
     return {k: value[k] for k in keys if k in value}
 
 
-def _metadata(meta: Any, labels: bool) -> Any:
+def _metadata(meta: Any, labels: bool, annotation: bool) -> Any:
     if not isinstance(meta, dict):
         return meta
     out = _pick(meta, _IDENTITY + (("labels",) if labels else ()))
-    if "annotations" in meta:
+    if annotation and "annotations" in meta:
         # only ours: a last-applied-configuration annotation alone can be a
         # copy of the whole object
         out["annotations"] = _pick(meta["annotations"], (LOG_DROPS_ANNOTATION,))
@@ -49,9 +49,7 @@ def pod(obj: Any) -> Any:
         return obj
     out: dict = {}
     if "metadata" in obj:
-        out["metadata"] = _metadata(obj["metadata"], labels=True)
-        if isinstance(out["metadata"], dict):
-            out["metadata"].pop("annotations", None)      # a pod's are never read
+        out["metadata"] = _metadata(obj["metadata"], labels=True, annotation=False)
     if "spec" in obj:
         spec = _pick(obj["spec"], _POD_SPEC)
         if isinstance(spec, dict) and isinstance(spec.get("containers"), list):
@@ -65,7 +63,9 @@ def pod(obj: Any) -> Any:
 def namespace(obj: Any) -> Any:
     if not isinstance(obj, dict):
         return obj
-    return {"metadata": _metadata(obj["metadata"], labels=True)} if "metadata" in obj else {}
+    if "metadata" not in obj:
+        return {}
+    return {"metadata": _metadata(obj["metadata"], labels=True, annotation=True)}
 
 
 def network_policy(obj: Any) -> Any:
@@ -74,7 +74,7 @@ def network_policy(obj: Any) -> Any:
         return obj
     out = {}
     if "metadata" in obj:
-        out["metadata"] = _metadata(obj["metadata"], labels=False)
+        out["metadata"] = _metadata(obj["metadata"], labels=False, annotation=True)
     if "spec" in obj:
         out["spec"] = obj["spec"]
     return out

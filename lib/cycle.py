@@ -8,9 +8,8 @@ returns the same objects (same identities and resourceVersions), parse and
 compile are skipped and the previous Cluster and DesiredState reused, so an
 idle cycle costs the fetch, the kernel read and the diff. After a change,
 only the changed objects are parsed again; compile runs on the whole
-cluster. The kernel is
-read and diffed every cycle all the same: drift is found whatever the API
-says.
+cluster. The kernel is read and diffed every cycle all the same: drift is
+found whatever the API says.
 """
 from __future__ import annotations
 
@@ -91,18 +90,18 @@ _LISTS = (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "polic
 
 
 def fingerprint(fetched) -> Optional[tuple]:
-    """The identity and version of every fetched object, in the order
-    served: equal fingerprints mean the API served the same objects, as the
-    API server gives an object a new resourceVersion on every change. None
-    when an object has no resourceVersion: nothing then shows it unchanged."""
+    """The identity and version of every fetched object (the keys of
+    objects.ParseMemo), in the order served: equal fingerprints mean the API
+    served the same objects, as the API server gives an object a new
+    resourceVersion on every change. None when an object has no such key
+    (no resourceVersion, say): nothing then shows it unchanged."""
     items = []
     for kind, attr in _LISTS:
         for obj in getattr(fetched, attr):
-            meta = obj.get("metadata") if isinstance(obj, dict) else None
-            version = meta.get("resourceVersion") if isinstance(meta, dict) else None
-            if not isinstance(version, str) or not version:
+            key = objects.ParseMemo.key(kind, obj)
+            if key is None:
                 return None
-            items.append((kind, meta.get("namespace"), meta.get("name"), meta.get("uid"), version))
+            items.append(key)
     return tuple(items)
 
 

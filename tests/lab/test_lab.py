@@ -19,6 +19,7 @@ from tests.lab.case import CaseError, endpoint_kind, load_case, parse_case
 from tests.lab.cluster import LAB_PREFIX, OWNER_DIR, remove_leftovers
 from tests.lab.lab import Cell, Lab, table_cells
 from tests.lab.runner import CaseReport, Options, StepReport, run, run_case
+from tests.lab.suites import CASES
 from tests.lab.traffic import ALLOWED, REFUSED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,8 +249,7 @@ def test_both_expect_and_steps_or_neither_are_errors():
 
 
 def test_the_sample_cases_load():
-    folders = [REPO / "tests" / "cases", REPO.parent / "shared" / "cases", REPO / "tests" / "lab"]
-    files = [f for d in folders if d.is_dir() for f in sorted(d.glob("*.yaml"))]
+    files = list(CASES.values()) + sorted((REPO / "tests" / "lab").glob("*.yaml"))
     assert files
     for f in files:
         assert load_case(f).states

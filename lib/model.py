@@ -13,6 +13,10 @@ TCP, UDP, SCTP = "TCP", "UDP", "SCTP"
 PROTOCOLS = (TCP, UDP, SCTP)
 INGRESS, EGRESS = "Ingress", "Egress"
 
+# policy.networking.k8s.io: the admin tiers around NetworkPolicy
+ADMIN, BASELINE = "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"
+ALLOW, DENY, PASS = "Allow", "Deny", "Pass"
+
 Labels = tuple[tuple[str, str], ...]  # sorted (key, value) pairs
 
 
@@ -140,9 +144,80 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
+class Node:
+    """A node as an egress `nodes` peer of an admin policy sees it: its labels
+    and the addresses of status.addresses (InternalIP, ExternalIP)."""
+    name: str
+    labels: Labels = ()
+    ips: tuple[str, ...] = ()        # canonical text, IPv4 and/or IPv6
+
+    @cached_property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class AdminSubject:
+    """The pods an admin policy applies to: those of the namespaces
+    `namespace_selector` matches that `pod_selector` matches (subject
+    `namespaces` is the pods form with pod_selector EVERYTHING). Host-network
+    pods are never subjects."""
+    namespace_selector: LabelSelector
+    pod_selector: LabelSelector = EVERYTHING
+
+
+@dataclass(frozen=True)
+class AdminPeer:
+    """One entry of an admin rule's from/to; exactly one shape is used:
+    pods (namespace_selector, with pod_selector; `namespaces` is pod_selector
+    EVERYTHING), nodes (node_selector; egress only) or networks (normalised
+    CIDRs; egress only)."""
+    namespace_selector: Optional[LabelSelector] = None
+    pod_selector: Optional[LabelSelector] = None
+    node_selector: Optional[LabelSelector] = None
+    networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdminRule:
+    """One ingress or egress rule of an admin policy, evaluated in order.
+
+    peers None: any peer; ports None: any port and protocol. Both are None
+    only in the fail-closed form of a rule that could not be understood,
+    which objects.py turns into a Deny of everything at the rule's place.
+    A port entry is a PolicyPort: portNumber (protocol, port), portRange
+    (protocol, port, end_port), namedPort (port is the name and protocol is
+    None: the protocol the named container port declares)."""
+    action: str                      # ALLOW, DENY, PASS (a baseline policy: ALLOW or DENY)
+    peers: Optional[tuple[AdminPeer, ...]] = None
+    ports: Optional[tuple["PolicyPort", ...]] = None
+    name: str = ""                   # the rule's `name`, for logs and explain
+    index: int = 0                   # position in spec.ingress / spec.egress
+
+
+@dataclass(frozen=True)
+class AdminPolicy:
+    """An AdminNetworkPolicy (kind ADMIN, priority 0-1000, lower first) or
+    the BaselineAdminNetworkPolicy named `default` (kind BASELINE, priority
+    None). Cluster-scoped."""
+    kind: str
+    name: str
+    subject: AdminSubject
+    priority: Optional[int] = None
+    ingress: tuple[AdminRule, ...] = ()
+    egress: tuple[AdminRule, ...] = ()
+    log_drops: bool = False          # annotation kube-policy-manager/log-drops: "true"
+
+    @property
+    def key(self) -> str:
+        """How logs, comments and explain name it: `ANP name` or `BANP name`."""
+        return f"{'ANP' if self.kind == ADMIN else 'BANP'} {self.name}"
+
+
+@dataclass(frozen=True)
 class Problem:
     """A validation error: the object, the field path and what is wrong."""
-    kind: str                        # "NetworkPolicy", "Pod", "Namespace"
+    kind: str                        # "NetworkPolicy", "Pod", "Namespace", ADMIN, BASELINE, "Node"
     object: str                      # "namespace/name" or "name"
     field: str                       # "spec.ingress[0].ports[1].endPort"
     message: str
@@ -158,3 +233,8 @@ class Cluster:
     pods: tuple[Pod, ...] = ()
     policies: tuple[NetworkPolicy, ...] = ()
     problems: tuple[Problem, ...] = field(default=(), compare=False)
+    # The admin tiers: AdminNetworkPolicies in evaluation order (priority,
+    # then name), then at most one baseline policy; nodes only as `nodes` peers.
+    admin_policies: tuple[AdminPolicy, ...] = ()
+    baseline: Optional[AdminPolicy] = None
+    nodes: tuple[Node, ...] = ()

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
+from lib import iptables_render
+from lib.intent import LOG as LOG_VERDICT
+from lib.intent import (ALLOWED, ANY, JUMP, REFUSED, Dispatch, FamilyIntent, FilterChain,
+                        FilterRule, LogSpec, Match, NodeIntent, Verdict)
+from lib.iptables_render import FORWARD_CHAIN, INPUT_CHAIN  # noqa: F401 - names of the top chains
 from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule, Problem
-from lib.ruleset import (HASH_IP_PORT, HASH_NET, PREFIX, Chain, DesiredState, FamilyState, Hook,
-                         IpSet, Rule, short_hash)
+from lib.ruleset import HASH_IP_PORT, HASH_NET, PREFIX, DesiredState, IpSet, short_hash
 from lib.selectors import ClusterIndex
 
-FORWARD_CHAIN = PREFIX + "FORWARD"
-INPUT_CHAIN = PREFIX + "INPUT"
 INGRESS_CHAIN_PREFIX = PREFIX + "I-"
 EGRESS_CHAIN_PREFIX = PREFIX + "E-"
 LOCAL_SRC_CHAIN = PREFIX + "LOCAL-SRC"     # source inside this node's pod ranges: known?
@@ -109,9 +111,7 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 _DIRECTION = {INGRESS: "ingress", EGRESS: "egress"}
-_SET_SIDE = {INGRESS: "src", EGRESS: "dst"}
 _HOST_LEN = {4: 32, 6: 128}
-_UNREACHABLE = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
 
 
 def pod_chain_name(pod: Pod, direction: str) -> str:
@@ -141,15 +141,11 @@ def log_prefix(what: str, subject: str, target: str) -> str:
     return f"{head}{kept}{mark} "
 
 
-def log_rule(options: CompileOptions, prefix: str, text: str) -> Rule:
+def log_rule(options: CompileOptions, prefix: str, text: str, match: Match = ANY) -> FilterRule:
     """Rate-limited and non-terminating: the packet goes on to the REJECT that follows."""
-    limit = ("-m", "limit", "--limit", f"{options.log_rate}/minute",
-             "--limit-burst", str(options.log_burst))
-    if options.log_target == LOG:
-        target = ("-j", "LOG", "--log-prefix", prefix)
-    else:
-        target = ("-j", "NFLOG", "--nflog-group", str(options.log_group), "--nflog-prefix", prefix)
-    return Rule(limit + target, text)
+    spec = LogSpec(options.log_target, prefix, options.log_rate, options.log_burst,
+                   options.log_group)
+    return FilterRule(match, Verdict(LOG_VERDICT, log=spec), text)
 
 
 def peers_scope(namespace: str, peers: Optional[tuple[Peer, ...]]) -> str:
@@ -316,7 +312,7 @@ class _Compiler:
     # chains -------------------------------------------------------------
 
     def policy_rules(self, policy: NetworkPolicy, direction: str, pod: Pod,
-                     family: int) -> list[Rule]:
+                     family: int) -> list[FilterRule]:
         rules = policy.ingress if direction == INGRESS else policy.egress
         # Every pod a policy selects gets the same rules, except where an
         # ingress named port resolves against the pod's own ports.
@@ -332,82 +328,84 @@ class _Compiler:
         return hit
 
     def rule_entries(self, policy: NetworkPolicy, direction: str, rule: PolicyRule,
-                     pod: Pod, family: int) -> list[Rule]:
+                     pod: Pod, family: int) -> list[FilterRule]:
         text = f"{policy.key} {_DIRECTION[direction]}[{rule.index}]"
-        peer_match: tuple[str, ...] = ()
+        peer = ANY
         if rule.peers is not None:
-            peer_match = ("-m", "set", "--match-set",
-                          self.net_set(policy.namespace, rule.peers, family), _SET_SIDE[direction])
+            peer = _peer_match(direction, self.net_set(policy.namespace, rule.peers, family))
         if rule.ports is None:
-            return [Rule(peer_match + ("-j", "RETURN"), text)]
+            return [FilterRule(peer, ALLOWED, text)]
         out = []
         for i, port in enumerate(rule.ports):
             port_text = f"{text} ports[{i}]"
             if isinstance(port.port, str) and direction == EGRESS:
                 pset = self.port_set(policy.namespace, rule.peers, family, port.protocol, port.port)
-                out.append(Rule(("-m", "set", "--match-set", pset, "dst,dst",
-                                 "-p", port.protocol.lower(), "-j", "RETURN"), port_text))
+                out.append(FilterRule(Match(dst_port_set=pset, protocol=port.protocol.lower()),
+                                      ALLOWED, port_text))
                 continue
-            match = _port_match(port, pod)
+            match = _port_match(port, pod, peer)
             if match is not None:
-                out.append(Rule(peer_match + match + ("-j", "RETURN"), port_text))
+                out.append(FilterRule(match, ALLOWED, port_text))
         return out
 
     def pod_chain(self, pod: Pod, direction: str, policies: list[NetworkPolicy],
-                  family: int, log: Optional[Rule] = None) -> Chain:
-        rules: list[Rule] = []
+                  family: int, log: Optional[FilterRule] = None) -> FilterChain:
+        rules: list[FilterRule] = []
         for policy in policies:
             rules.extend(self.policy_rules(policy, direction, pod, family))
         if log is not None:
             rules.append(log)
-        rules.extend(_rejects(family, f"{pod.key} reject"))
-        return Chain(pod_chain_name(pod, direction), tuple(rules))
+        rules.append(FilterRule(ANY, REFUSED, f"{pod.key} reject"))
+        return FilterChain(pod_chain_name(pod, direction), tuple(rules))
 
 
-def _rejects(family: int, text: str) -> list[Rule]:
-    return [Rule(("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"), text),
-            Rule(("-j", "REJECT", "--reject-with", _UNREACHABLE[family]), text)]
+def _peer_match(direction: str, address_set: str) -> Match:
+    """The peer is the source of what a pod receives, the destination of what it sends."""
+    return Match(src_set=address_set) if direction == INGRESS else Match(dst_set=address_set)
 
 
-def _port_match(port: PolicyPort, pod: Pod) -> Optional[tuple[str, ...]]:
-    """`-p proto [--dport N[:E]]`; None when the entry can match nothing
-    (a named port the pod does not declare)."""
+def _port_match(port: PolicyPort, pod: Pod, peer: Match = ANY) -> Optional[Match]:
+    """The peer's match narrowed to the port entry; None when the entry can
+    match nothing (a named port the pod does not declare)."""
     proto = port.protocol.lower()
     if port.port is None:
-        return ("-p", proto)
+        return replace(peer, protocol=proto)
     if isinstance(port.port, str):
         numbers = [cp.port for cp in pod.ports
                    if cp.name == port.port and cp.protocol == port.protocol]
         if not numbers:
             return None
-        return ("-p", proto, "--dport", str(numbers[0]))
+        return replace(peer, protocol=proto, dports=(numbers[0], numbers[0]))
     if port.end_port is not None and port.end_port != port.port:
         if port.end_port < port.port:
             return None
-        return ("-p", proto, "--dport", f"{port.port}:{port.end_port}")
-    return ("-p", proto, "--dport", str(port.port))
+        return replace(peer, protocol=proto, dports=(port.port, port.end_port))
+    return replace(peer, protocol=proto, dports=(port.port, port.port))
 
 
-def _top_rules(family: int) -> list[Rule]:
-    rules = [Rule(("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"),
-                  "replies")]
+def _head(family: int) -> tuple[FilterRule, ...]:
+    rules = [FilterRule(Match(established=True), ALLOWED, "replies")]
     if family == 6:
-        rules.extend(Rule(("-p", "ipv6-icmp", "--icmpv6-type", str(t), "-j", "RETURN"),
-                          f"neighbour discovery {t}") for t in ND_TYPES)
-    return rules
+        rules.extend(FilterRule(Match(protocol="ipv6-icmp", icmpv6_type=t), ALLOWED,
+                                f"neighbour discovery {t}") for t in ND_TYPES)
+    return tuple(rules)
 
 
-HOOKS = (
-    Hook("FORWARD", Rule(("-j", FORWARD_CHAIN), "hook")),
-    Hook("INPUT", Rule(("-j", INPUT_CHAIN), "hook")),
-)
+HOOKS = iptables_render.HOOKS
 
 
 def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = None,
                  options: CompileOptions = DEFAULT_OPTIONS) -> DesiredState:
-    """The filter state of `node`. Pass `index` to share one index between
-    several nodes' compilations of the same cluster; `options` for what the
-    node asks for beyond the NetworkPolicy API (the default: nothing)."""
+    """The iptables filter state of `node` (see intend_node)."""
+    return iptables_render.render(intend_node(cluster, node, index, options))
+
+
+def intend_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = None,
+                options: CompileOptions = DEFAULT_OPTIONS) -> NodeIntent:
+    """What `node` must enforce, for any dataplane. Pass `index` to share one
+    index between several nodes' compilations of the same cluster; `options`
+    for what the node asks for beyond the NetworkPolicy API (the default:
+    nothing)."""
     index = index or ClusterIndex(cluster)
     comp = _Compiler(index)
     local = [p for p in index.pods if p.node == node]      # non-host-network, in pod order
@@ -420,7 +418,7 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
         if ingress or egress:
             isolated.append((pod, ingress, egress))
 
-    def drop_log(pod: Pod, direction: str, policies: list[NetworkPolicy]) -> Optional[Rule]:
+    def drop_log(pod: Pod, direction: str, policies: list[NetworkPolicy]) -> Optional[FilterRule]:
         if not (options.log_drops or pod.namespace in logged_namespaces
                 or any(p.log_drops for p in policies)):
             return None
@@ -430,27 +428,23 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
 
     families = {}
     for family in (4, 6):
-        chains: list[Chain] = []
-        egress_dispatch: list[Rule] = []
-        ingress_dispatch: list[Rule] = []
+        chains: list[FilterChain] = []
+        dispatch: list[Dispatch] = []
         with_chains: list[tuple[Pod, tuple[str, ...]]] = []
         for pod, ingress, egress in isolated:
             addrs = comp.address_texts(pod, family)
             if not addrs:
                 continue
             with_chains.append((pod, addrs))
-            for direction, policies, flag, dispatch in ((EGRESS, egress, "-s", egress_dispatch),
-                                                        (INGRESS, ingress, "-d", ingress_dispatch)):
+            for direction, policies in ((EGRESS, egress), (INGRESS, ingress)):
                 if not policies:
                     continue
                 chain = comp.pod_chain(pod, direction, policies, family,
                                        drop_log(pod, direction, policies))
                 chains.append(chain)
-                dispatch.extend(Rule((flag, f"{a}/{_HOST_LEN[family]}", "-j", chain.name),
-                                     f"{pod.key} {_DIRECTION[direction]} dispatch") for a in addrs)
-        top = _top_rules(family)
-        forward = top + egress_dispatch + ingress_dispatch
-        incoming = top + egress_dispatch
+                dispatch.extend(Dispatch(a, chain.name, pod.key, direction) for a in addrs)
+        forward_tail: list[FilterRule] = []
+        input_tail: list[FilterRule] = []
         cidrs = options.cidrs(family) if options.isolate_new_pods else ()
         if cidrs:
             isolated_keys = {pod.key for pod, _ in with_chains}
@@ -459,44 +453,47 @@ def compile_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = No
             local_set = IpSet(local_set_name(family), HASH_NET, family, known)
             comp.sets[local_set.name] = local_set
             chains += _unknown_chains(family, with_chains, local_set.name, options)
-            forward += [Rule(("-s", c, "-j", LOCAL_SRC_CHAIN), f"source in pod range {c}")
-                        for c in cidrs]
-            forward += [Rule(("-d", c, "-j", LOCAL_DST_CHAIN), f"destination in pod range {c}")
-                        for c in cidrs]
+            forward_tail += [FilterRule(Match(src_net=c), Verdict(JUMP, LOCAL_SRC_CHAIN),
+                                        f"source in pod range {c}") for c in cidrs]
+            forward_tail += [FilterRule(Match(dst_net=c), Verdict(JUMP, LOCAL_DST_CHAIN),
+                                        f"destination in pod range {c}") for c in cidrs]
             # The node's own traffic to itself comes back in on lo, from any
             # of its addresses, a gateway address inside a pod range included.
-            incoming += [Rule(("-i", "lo", "-j", "RETURN"), "the node to itself")]
-            incoming += [Rule(("-s", c, "-j", LOCAL_SRC_CHAIN), f"source in pod range {c}")
-                         for c in cidrs]
-        chains.append(Chain(FORWARD_CHAIN, tuple(forward)))
-        chains.append(Chain(INPUT_CHAIN, tuple(incoming)))
-        families[family] = FamilyState(family, tuple(sorted(chains, key=lambda c: c.name)), HOOKS)
+            input_tail += [FilterRule(Match(in_loopback=True), ALLOWED, "the node to itself")]
+            input_tail += [FilterRule(Match(src_net=c), Verdict(JUMP, LOCAL_SRC_CHAIN),
+                                      f"source in pod range {c}") for c in cidrs]
+        families[family] = FamilyIntent(family, _head(family), tuple(dispatch),
+                                        tuple(forward_tail), tuple(input_tail),
+                                        tuple(sorted(chains, key=lambda c: c.name)))
 
-    used = {arg for fam in families.values() for c in fam.chains for r in c.rules
-            for arg in r.args if arg in comp.sets}
+    used = {name for fam in families.values() for c in fam.chains for r in c.rules
+            for name in r.match.sets()}
     sets = tuple(comp.sets[name] for name in sorted(used))
-    return DesiredState(v4=families[4], v6=families[6], sets=sets)
+    return NodeIntent(v4=families[4], v6=families[6], sets=sets)
 
 
 def _unknown_chains(family: int, with_chains: list[tuple[Pod, tuple[str, ...]]],
-                    local_set: str, options: CompileOptions) -> list[Chain]:
+                    local_set: str, options: CompileOptions) -> list[FilterChain]:
     """KPM-LOCAL-SRC / -DST return for a known local pod and send anything
     else to KPM-UNKNOWN. Pods with chains are listed by address, in the same
     transaction as their chains; the others are in the set."""
     out = []
-    for name, flag, side, what in ((LOCAL_SRC_CHAIN, "-s", "src", "source"),
-                                   (LOCAL_DST_CHAIN, "-d", "dst", "destination")):
-        rules = [Rule((flag, f"{a}/{_HOST_LEN[family]}", "-j", "RETURN"), f"{pod.key} known")
+    for name, side, what in ((LOCAL_SRC_CHAIN, "src", "source"),
+                             (LOCAL_DST_CHAIN, "dst", "destination")):
+        def host(a: str) -> Match:
+            net = f"{a}/{_HOST_LEN[family]}"
+            return Match(src_net=net) if side == "src" else Match(dst_net=net)
+        rules = [FilterRule(host(a), ALLOWED, f"{pod.key} known")
                  for pod, addrs in with_chains for a in addrs]
-        rules.append(Rule(("-m", "set", "--match-set", local_set, side, "-j", "RETURN"),
-                          "known pods without chains"))
-        rules.append(Rule(("-j", UNKNOWN_CHAIN), f"unknown {what}"))
-        out.append(Chain(name, tuple(rules)))
-    refuse = _rejects(family, "unknown address reject")
+        in_set = Match(src_set=local_set) if side == "src" else Match(dst_set=local_set)
+        rules.append(FilterRule(in_set, ALLOWED, "known pods without chains"))
+        rules.append(FilterRule(ANY, Verdict(JUMP, UNKNOWN_CHAIN), f"unknown {what}"))
+        out.append(FilterChain(name, tuple(rules)))
+    refuse = [FilterRule(ANY, REFUSED, "unknown address reject")]
     if options.log_drops:
         refuse.insert(0, log_rule(options, log_prefix("unknown", "", options.log_target),
                                   "log unknown address drops"))
-    out.append(Chain(UNKNOWN_CHAIN, tuple(refuse)))
+    out.append(FilterChain(UNKNOWN_CHAIN, tuple(refuse)))
     return out
 
 

@@ -26,16 +26,20 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
 from lib import iptables_render
+from lib.admin_rules import PASS_VERDICT, AdminRules, admin_rules_of
 from lib.intent import LOG as LOG_VERDICT
-from lib.intent import (ALLOWED, ANY, JUMP, REFUSED, Dispatch, FamilyIntent, FilterChain,
-                        FilterRule, LogSpec, Match, NodeIntent, Verdict)
+from lib.intent import (ALLOWED, ANY, GOTO, JUMP, REFUSED, Dispatch, FamilyIntent, FilterChain,
+                        FilterRule, LogSpec, Match, NodeIntent, Verdict, port_match)
 from lib.iptables_render import FORWARD_CHAIN, INPUT_CHAIN  # noqa: F401 - names of the top chains
-from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule, Problem
-from lib.ruleset import HASH_IP_PORT, HASH_NET, PREFIX, DesiredState, IpSet, short_hash
+from lib.model import (ADMIN, EGRESS, INGRESS, AdminPolicy, Cluster, NetworkPolicy, Peer, Pod, PolicyPort,
+                       PolicyRule, Problem)
+from lib.ruleset import HASH_IP_PORT, HASH_NET, PREFIX, DesiredState, IpSet, set_member, short_hash
 from lib.selectors import ClusterIndex
 
 INGRESS_CHAIN_PREFIX = PREFIX + "I-"
 EGRESS_CHAIN_PREFIX = PREFIX + "E-"
+INGRESS_TIER_PREFIX = PREFIX + "IN-"       # a pod's NetworkPolicy tier, when a Pass goes to it
+EGRESS_TIER_PREFIX = PREFIX + "EN-"
 LOCAL_SRC_CHAIN = PREFIX + "LOCAL-SRC"     # source inside this node's pod ranges: known?
 LOCAL_DST_CHAIN = PREFIX + "LOCAL-DST"     # destination likewise
 UNKNOWN_CHAIN = PREFIX + "UNKNOWN"         # refuses what the two above did not recognise
@@ -120,24 +124,32 @@ def pod_chain_name(pod: Pod, direction: str) -> str:
     return prefix + short_hash(pod.key)
 
 
+def np_tier_chain_name(pod: Pod, direction: str) -> str:
+    prefix = INGRESS_TIER_PREFIX if direction == INGRESS else EGRESS_TIER_PREFIX
+    return prefix + short_hash(pod.key)
+
+
 def local_set_name(family: int) -> str:
     """Stable, not content-addressed: adding a pod changes only its members."""
     return f"{PREFIX}L{family}-" + short_hash("local pods", str(family))
 
 
-def log_prefix(what: str, subject: str, target: str) -> str:
-    """`KPM DROP <what> <subject> `, within the target's limit and in a safe
-    alphabet. A subject that had to be cut or altered keeps its start and
-    gains a hash of its full text, so that two pods never share a prefix."""
+def log_prefix(what: str, subject: str, target: str, by: str = "") -> str:
+    """`KPM DROP <what> <subject> [<by> ]`, within the target's limit and in a
+    safe alphabet; `by` names an admin policy that refused (`anp/name`). A
+    subject that had to be cut or altered keeps its start and gains a hash of
+    its full text, so that two pods (or policies) never share a prefix."""
     limit = PREFIX_MAX[target]
     head = f"{DROP_PREFIX} {what} " if subject else f"{DROP_PREFIX} {what}"
     if not subject:
         return head[:limit - 1] + " "
-    if _PREFIX_SAFE.fullmatch(subject) and len(head) + len(subject) + 1 <= limit:
-        return f"{head}{subject} "
-    mark = "~" + short_hash(subject, length=_PREFIX_HASH)
+    parts = [subject] + ([by] if by else [])
+    text = " ".join(parts)
+    if all(_PREFIX_SAFE.fullmatch(p) for p in parts) and len(head) + len(text) + 1 <= limit:
+        return f"{head}{text} "
+    mark = "~" + short_hash(*parts, length=_PREFIX_HASH)
     room = max(0, limit - len(head) - len(mark) - 1)
-    kept = re.sub(r"[^A-Za-z0-9._/:-]", "_", subject)[:room]
+    kept = " ".join(re.sub(r"[^A-Za-z0-9._/:-]", "_", p) for p in parts)[:room]
     return f"{head}{kept}{mark} "
 
 
@@ -171,15 +183,6 @@ def port_set_name(namespace: str, peers: Optional[tuple[Peer, ...]], family: int
                                                str(family), protocol, port_name)
 
 
-def set_member(net: Network) -> list[str]:
-    """Members as `ipset save` prints them: host routes bare, a /0 as its two halves."""
-    if net.prefixlen == 0:
-        return [h.with_prefixlen for h in net.subnets()]
-    if net.prefixlen == net.max_prefixlen:
-        return [str(net.network_address)]
-    return [net.with_prefixlen]
-
-
 def block_networks(cidr: str, excepts: Iterable[str], family: int) -> list[Network]:
     """cidr minus its excepts, collapsed; empty when cidr is of the other family."""
     whole = ipaddress.ip_network(cidr, strict=False)
@@ -211,8 +214,9 @@ def _split_ips(pod: Pod) -> dict[int, tuple[str, ...]]:
 class _Compiler:
     """One node's compilation: memo tables shared by every pod of the node."""
 
-    def __init__(self, index: ClusterIndex):
+    def __init__(self, index: ClusterIndex, options: CompileOptions = DEFAULT_OPTIONS):
         self.index = index
+        self.admin = AdminRules(self, lambda prefix, text, match: log_rule(options, prefix, text, match))
         self.sets: dict[str, IpSet] = {}
         self._ips: dict[int, dict] = {}            # id(pod) -> _split_ips(pod); the index keeps pods alive
         self._parsed: dict[str, Address] = {}      # address text -> address, for ipBlock containment
@@ -343,44 +347,103 @@ class _Compiler:
                 out.append(FilterRule(Match(dst_port_set=pset, protocol=port.protocol.lower()),
                                       ALLOWED, port_text))
                 continue
-            match = _port_match(port, pod, peer)
+            match = port_match(port, pod, peer)
             if match is not None:
                 out.append(FilterRule(match, ALLOWED, port_text))
         return out
 
-    def pod_chain(self, pod: Pod, direction: str, policies: list[NetworkPolicy],
-                  family: int, log: Optional[FilterRule] = None) -> FilterChain:
+    def np_tier(self, pod: Pod, direction: str, policies: list[NetworkPolicy],
+                family: int, log: Optional[FilterRule] = None) -> list[FilterRule]:
+        """The NetworkPolicies selecting the pod: what one of them allows
+        returns, the rest is refused."""
         rules: list[FilterRule] = []
         for policy in policies:
             rules.extend(self.policy_rules(policy, direction, pod, family))
         if log is not None:
             rules.append(log)
         rules.append(FilterRule(ANY, REFUSED, f"{pod.key} reject"))
-        return FilterChain(pod_chain_name(pod, direction), tuple(rules))
+        return rules
+
+    def pod_chains(self, pod: Pod, direction: str, tiers: "_Tiers", family: int,
+                   logs: "_Logs") -> list[FilterChain]:
+        """The pod's chain for one direction, tier after tier: the admin
+        policies' rules in order (the first that matches decides), then the
+        NetworkPolicies selecting the pod, or, when none does, the baseline
+        policy's rules; a packet nothing decided is allowed. A Pass goes to
+        the pod's NetworkPolicy tier, a chain of its own when a Pass needs
+        it; empty when the chain would allow everything."""
+        head: list[FilterRule] = []
+        for policy in tiers.admin:
+            head.extend(self.admin.rules(policy, direction, pod, family,
+                                         logs.admin_prefix(pod, direction, policy)))
+        if tiers.networkpolicies:
+            tier = self.np_tier(pod, direction, tiers.networkpolicies, family,
+                                logs.np_rule(pod, direction, tiers.networkpolicies))
+        elif tiers.baseline is not None:
+            tier = _without_trailing_allows(self.admin.rules(
+                tiers.baseline, direction, pod, family,
+                logs.admin_prefix(pod, direction, tiers.baseline)))
+        else:
+            tier = []
+        name = pod_chain_name(pod, direction)
+        if tier and any(r.verdict == PASS_VERDICT for r in head):
+            tier_name = np_tier_chain_name(pod, direction)
+            goto = Verdict(GOTO, tier_name)
+            head = [replace(r, verdict=goto) if r.verdict == PASS_VERDICT else r for r in head]
+            head.append(FilterRule(ANY, goto, f"{pod.key} {_DIRECTION[direction]} networkpolicy tier"))
+            return [FilterChain(name, tuple(head)), FilterChain(tier_name, tuple(tier))]
+        head = [replace(r, verdict=ALLOWED) if r.verdict == PASS_VERDICT else r for r in head]
+        rules = _without_trailing_allows(head + tier)
+        return [FilterChain(name, tuple(rules))] if rules else []
+
+
+def _without_trailing_allows(rules: list[FilterRule]) -> list[FilterRule]:
+    """A chain that ends by returning needs no return rules at its end."""
+    end = len(rules)
+    while end and rules[end - 1].verdict == ALLOWED:
+        end -= 1
+    return rules[:end]
+
+
+@dataclass(frozen=True)
+class _Tiers:
+    """What decides one direction of one local pod."""
+    admin: tuple[AdminPolicy, ...] = ()          # in evaluation order
+    networkpolicies: tuple[NetworkPolicy, ...] = ()
+    baseline: Optional[AdminPolicy] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.admin or self.networkpolicies or self.baseline is not None)
+
+
+class _Logs:
+    """Which refusals of which pod are logged, and under which prefix."""
+
+    def __init__(self, cluster: Cluster, options: CompileOptions):
+        self.options = options
+        self.namespaces = {ns.name for ns in cluster.namespaces if ns.log_drops}
+
+    def _wanted(self, pod: Pod, asked: bool) -> bool:
+        return self.options.log_drops or pod.namespace in self.namespaces or asked
+
+    def np_rule(self, pod: Pod, direction: str, policies) -> Optional[FilterRule]:
+        if not self._wanted(pod, any(p.log_drops for p in policies)):
+            return None
+        what = "in" if direction == INGRESS else "out"
+        return log_rule(self.options, log_prefix(what, pod.key, self.options.log_target),
+                        f"{pod.key} log {_DIRECTION[direction]} drops")
+
+    def admin_prefix(self, pod: Pod, direction: str, policy: AdminPolicy) -> Optional[str]:
+        if not self._wanted(pod, policy.log_drops):
+            return None
+        what = "in" if direction == INGRESS else "out"
+        by = f"{'anp' if policy.kind == ADMIN else 'banp'}/{policy.name}"
+        return log_prefix(what, pod.key, self.options.log_target, by)
 
 
 def _peer_match(direction: str, address_set: str) -> Match:
     """The peer is the source of what a pod receives, the destination of what it sends."""
     return Match(src_set=address_set) if direction == INGRESS else Match(dst_set=address_set)
-
-
-def _port_match(port: PolicyPort, pod: Pod, peer: Match = ANY) -> Optional[Match]:
-    """The peer's match narrowed to the port entry; None when the entry can
-    match nothing (a named port the pod does not declare)."""
-    proto = port.protocol.lower()
-    if port.port is None:
-        return replace(peer, protocol=proto)
-    if isinstance(port.port, str):
-        numbers = [cp.port for cp in pod.ports
-                   if cp.name == port.port and cp.protocol == port.protocol]
-        if not numbers:
-            return None
-        return replace(peer, protocol=proto, dports=(numbers[0], numbers[0]))
-    if port.end_port is not None and port.end_port != port.port:
-        if port.end_port < port.port:
-            return None
-        return replace(peer, protocol=proto, dports=(port.port, port.end_port))
-    return replace(peer, protocol=proto, dports=(port.port, port.port))
 
 
 def _head(family: int) -> tuple[FilterRule, ...]:
@@ -407,42 +470,46 @@ def intend_node(cluster: Cluster, node: str, index: Optional[ClusterIndex] = Non
     for what the node asks for beyond the NetworkPolicy API (the default:
     nothing)."""
     index = index or ClusterIndex(cluster)
-    comp = _Compiler(index)
+    comp = _Compiler(index, options)
     local = [p for p in index.pods if p.node == node]      # non-host-network, in pod order
-    logged_namespaces = {ns.name for ns in index.cluster.namespaces if ns.log_drops}
-    isolated: list[tuple[Pod, list[NetworkPolicy], list[NetworkPolicy]]] = []
+    logs = _Logs(index.cluster, options)
+    decided: list[tuple[Pod, dict[str, _Tiers]]] = []
     for pod in local:
         applying = index.policies_for(pod)
-        ingress = [p for p in applying if INGRESS in p.policy_types]
-        egress = [p for p in applying if EGRESS in p.policy_types]
-        if ingress or egress:
-            isolated.append((pod, ingress, egress))
-
-    def drop_log(pod: Pod, direction: str, policies: list[NetworkPolicy]) -> Optional[FilterRule]:
-        if not (options.log_drops or pod.namespace in logged_namespaces
-                or any(p.log_drops for p in policies)):
-            return None
-        what = "in" if direction == INGRESS else "out"
-        return log_rule(options, log_prefix(what, pod.key, options.log_target),
-                        f"{pod.key} log {_DIRECTION[direction]} drops")
+        admin = [a for a in cluster.admin_policies if index.admin_selects(a, pod)]
+        baseline = cluster.baseline
+        if baseline is not None and not index.admin_selects(baseline, pod):
+            baseline = None
+        tiers = {}
+        for direction in (EGRESS, INGRESS):
+            t = _Tiers(tuple(a for a in admin if admin_rules_of(a, direction)),
+                       tuple(p for p in applying if direction in p.policy_types),
+                       baseline if baseline is not None and admin_rules_of(baseline, direction)
+                       else None)
+            if t:
+                tiers[direction] = t
+        if tiers:
+            decided.append((pod, tiers))
 
     families = {}
     for family in (4, 6):
         chains: list[FilterChain] = []
         dispatch: list[Dispatch] = []
         with_chains: list[tuple[Pod, tuple[str, ...]]] = []
-        for pod, ingress, egress in isolated:
+        for pod, tiers in decided:
             addrs = comp.address_texts(pod, family)
             if not addrs:
                 continue
-            with_chains.append((pod, addrs))
-            for direction, policies in ((EGRESS, egress), (INGRESS, ingress)):
-                if not policies:
+            made = False
+            for direction, t in tiers.items():
+                pod_chains = comp.pod_chains(pod, direction, t, family, logs)
+                if not pod_chains:
                     continue
-                chain = comp.pod_chain(pod, direction, policies, family,
-                                       drop_log(pod, direction, policies))
-                chains.append(chain)
-                dispatch.extend(Dispatch(a, chain.name, pod.key, direction) for a in addrs)
+                made = True
+                chains.extend(pod_chains)
+                dispatch.extend(Dispatch(a, pod_chains[0].name, pod.key, direction) for a in addrs)
+            if made:
+                with_chains.append((pod, addrs))
         forward_tail: list[FilterRule] = []
         input_tail: list[FilterRule] = []
         cidrs = options.cidrs(family) if options.isolate_new_pods else ()

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from lib.explain import EndpointError, explain
+from lib.explain import EndpointError, admin_selects, explain
 from lib.kernel import (DEFAULT_TIMEOUT, FAMILY_NAMES, Kernel, KernelError, ipv6_available,
                         run)
 from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Pod
@@ -246,6 +246,8 @@ def stale_flows(flows: Iterable[Flow], cluster: Cluster, node: str,
         policies.setdefault(p.namespace, []).append(p)
     isolated: dict[tuple[str, str], bool] = {}
 
+    admins = cluster.admin_policies + ((cluster.baseline,) if cluster.baseline else ())
+
     def enforced(pod: Optional[Pod], direction: str) -> bool:
         if pod is None:
             return False
@@ -253,14 +255,18 @@ def stale_flows(flows: Iterable[Flow], cluster: Cluster, node: str,
         if key not in isolated:
             isolated[key] = any(direction in p.policy_types
                                 and matches(p.pod_selector, pod.label_map)
-                                for p in policies.get(pod.namespace, ()))
+                                for p in policies.get(pod.namespace, ())) or any(
+                (a.ingress if direction == INGRESS else a.egress) and admin_selects(cluster, a, pod)
+                for a in admins)
         return isolated[key]
 
     def endpoints(src: str, target: str) -> Cluster:
         pods = tuple(dict.fromkeys(owners.get(src, []) + owners.get(target, [])))
         namespaces = sorted({p.namespace for p in pods if not p.host_network})
         return Cluster(cluster.namespaces, pods,
-                       tuple(p for ns in namespaces for p in policies.get(ns, ())))
+                       tuple(p for ns in namespaces for p in policies.get(ns, ())),
+                       admin_policies=cluster.admin_policies, baseline=cluster.baseline,
+                       nodes=cluster.nodes)
 
     nodes: Mapping[str, tuple[str, ...]] = {
         node: tuple(_canonical(a) for a in local_addresses)}

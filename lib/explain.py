@@ -1,7 +1,13 @@
-"""Why is a connection allowed or refused? Evaluates the NetworkPolicy API
-directly on the model, pair by pair, apart from the iptables compiler: it is
-the reference the compiled rules are checked against, and what an operator
+"""Why is a connection allowed or refused? Evaluates the policy APIs
+directly on the model, pair by pair, apart from the compiler: it is the
+reference the compiled rules are checked against, and what an operator
 reads when a connection fails.
+
+Each direction goes through the tiers in order: the AdminNetworkPolicies
+selecting the pod (by priority, then name; the first rule that matches
+decides, a Pass goes on to NetworkPolicy), then the NetworkPolicies
+selecting it (if any does, they decide), then the BaselineAdminNetworkPolicy
+(its first matching rule decides); what nothing decided is allowed.
 """
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ import ipaddress
 from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Optional
 
-from lib.model import (EGRESS, INGRESS, PROTOCOLS, TCP, Cluster, NetworkPolicy, Peer, Pod,
-                       PolicyPort, PolicyRule)
+from lib.model import (ALLOW, BASELINE, DENY, EGRESS, INGRESS, PASS, PROTOCOLS, TCP, AdminPeer,
+                       AdminPolicy, AdminRule, Cluster, NetworkPolicy, Peer, Pod, PolicyPort,
+                       PolicyRule)
 from lib.selectors import NAME_LABEL, matches
 from lib.terminal import paint, printable
 
@@ -52,6 +59,11 @@ class Direction:
     allowed_by: tuple[str, ...] = ()       # "ns/name ingress[0] ports[1]" entries that admit it
     allowed: bool = True
     reason: str = ""
+    tier: str = ""                         # what decided: "AdminNetworkPolicy", "NetworkPolicy",
+                                           # "BaselineAdminNetworkPolicy"; "" nothing did
+    decided_by: str = ""                   # the deciding admin rule: "ANP name rule 0: Deny"
+    admin_policies: tuple[str, ...] = ()   # admin policies selecting the pod: "ANP name", "BANP default"
+    passed_by: str = ""                    # the admin rule that passed it on to NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -181,23 +193,104 @@ def _direction(cluster, endpoint: Endpoint, direction: str, other: Endpoint,
         else:
             why = f"{endpoint.ip} is not a pod of the cluster: nothing here isolates it"
         return Direction(name, applies=False, reason=why)
+    admins = [a for a in cluster.admin_policies if admin_selects(cluster, a, pod)]
+    baseline = cluster.baseline
+    if baseline is not None and not admin_selects(cluster, baseline, pod):
+        baseline = None
+    listed = tuple(a.key for a in admins) + ((baseline.key,) if baseline is not None else ())
+    passed_by = ""
+    for policy in admins:
+        hit = _admin_decides(cluster, policy, direction, other, port, protocol, dst)
+        if hit is None:
+            continue
+        label, action = hit
+        if action == PASS:
+            passed_by = f"{label}: Pass"
+            break
+        return Direction(name, True, False, (), (label,) if action == ALLOW else (),
+                         action == ALLOW, f"{label}: {action}", "AdminNetworkPolicy",
+                         f"{label}: {action}", listed)
     selecting = [p for p in sorted(cluster.policies, key=lambda p: p.key)
                  if p.namespace == pod.namespace and direction in p.policy_types
                  and matches(p.pod_selector, pod.label_map)]
-    if not selecting:
-        return Direction(name, applies=True, reason=f"no policy isolates {pod.key} for {name}")
-    admitted = []
-    for policy in selecting:
-        for rule in (policy.ingress if direction == INGRESS else policy.egress):
-            hit = _rule_admits(cluster, policy, rule, direction, other, port, protocol, dst)
-            if hit:
-                admitted.append(hit)
-    keys = tuple(p.key for p in selecting)
-    if admitted:
-        return Direction(name, True, True, keys, tuple(admitted), True,
-                         f"admitted by {admitted[0]}")
-    return Direction(name, True, True, keys, (), False,
-                     f"isolated by {', '.join(keys)} and no rule admits it")
+    passed = f" (passed on by {passed_by})" if passed_by else ""
+    if selecting:
+        admitted = []
+        for policy in selecting:
+            for rule in (policy.ingress if direction == INGRESS else policy.egress):
+                hit = _rule_admits(cluster, policy, rule, direction, other, port, protocol, dst)
+                if hit:
+                    admitted.append(hit)
+        keys = tuple(p.key for p in selecting)
+        if admitted:
+            return Direction(name, True, True, keys, tuple(admitted), True,
+                             f"admitted by {admitted[0]}{passed}", "NetworkPolicy", "", listed,
+                             passed_by)
+        return Direction(name, True, True, keys, (), False,
+                         f"isolated by {', '.join(keys)} and no rule admits it{passed}",
+                         "NetworkPolicy", "", listed, passed_by)
+    if baseline is not None:
+        hit = _admin_decides(cluster, baseline, direction, other, port, protocol, dst)
+        if hit is not None:
+            label, action = hit
+            return Direction(name, True, False, (), (label,) if action == ALLOW else (),
+                             action == ALLOW, f"{label}: {action}{passed}",
+                             "BaselineAdminNetworkPolicy", f"{label}: {action}", listed, passed_by)
+    if passed_by:
+        why = f"passed on by {passed_by}; no policy isolates {pod.key} for {name}"
+    elif listed:
+        why = f"no admin rule matches and no policy isolates {pod.key} for {name}"
+    else:
+        why = f"no policy isolates {pod.key} for {name}"
+    return Direction(name, applies=True, reason=why, admin_policies=listed, passed_by=passed_by)
+
+
+# --- the admin tiers ----------------------------------------------------------
+
+def admin_selects(cluster: Cluster, policy: AdminPolicy, pod: Pod) -> bool:
+    return (not pod.host_network
+            and matches(policy.subject.namespace_selector, _namespace_labels(cluster, pod.namespace))
+            and matches(policy.subject.pod_selector, pod.label_map))
+
+
+def _admin_peer_matches(cluster: Cluster, peer: AdminPeer, other: Endpoint) -> bool:
+    if peer.networks:
+        addr = ipaddress.ip_address(other.ip)
+        return any(addr in n for n in map(ipaddress.ip_network, peer.networks)
+                   if n.version == addr.version)
+    if peer.node_selector is not None:
+        return any(other.ip in n.ips for n in cluster.nodes if matches(peer.node_selector, n.label_map))
+    pod = other.pod
+    if pod is None or pod.host_network or peer.namespace_selector is None:
+        return False
+    return (matches(peer.namespace_selector, _namespace_labels(cluster, pod.namespace))
+            and (peer.pod_selector is None or matches(peer.pod_selector, pod.label_map)))
+
+
+def _admin_port_matches(entry: PolicyPort, port: int, protocol: str, dst: Endpoint) -> bool:
+    if isinstance(entry.port, str) and entry.protocol is None:
+        # namedPort: the destination pod's container port of that name, whatever its protocol
+        if dst.pod is None or dst.pod.host_network:
+            return False
+        return any(cp.name == entry.port and cp.port == port and cp.protocol == protocol
+                   for cp in dst.pod.ports)
+    return _port_matches(entry, port, protocol, dst)
+
+
+def _admin_decides(cluster: Cluster, policy: AdminPolicy, direction: str, other: Endpoint,
+                   port: int, protocol: str, dst: Endpoint) -> Optional[tuple[str, str]]:
+    """(`ANP name rule i`, action) of the first rule matching, or None."""
+    rules: tuple[AdminRule, ...] = policy.ingress if direction == INGRESS else policy.egress
+    for rule in sorted(rules, key=lambda r: r.index):
+        if rule.peers is not None and not any(
+                _admin_peer_matches(cluster, p, other) for p in rule.peers):
+            continue
+        if rule.ports is not None and not any(
+                _admin_port_matches(e, port, protocol, dst) for e in rule.ports):
+            continue
+        named = f" ({rule.name})" if rule.name else ""
+        return f"{policy.key} {direction.lower()} rule {rule.index}{named}", rule.action
+    return None
 
 
 def explain(cluster: Cluster, source: str, destination: str, port: int, protocol: str = "TCP",
@@ -218,8 +311,10 @@ def explain(cluster: Cluster, source: str, destination: str, port: int, protocol
         ingress = replace(ingress, allowed=True, reason=(
             f"from {dst_pod.key}'s own node {src.node}: always allowed (kubelet probes)"))
     involved = set(egress.policies) | set(ingress.policies)
+    admins = {k.split(" ", 1)[1] for k in egress.admin_policies + ingress.admin_policies}
     notes = tuple(str(p) for p in cluster.problems
-                  if p.kind == "NetworkPolicy" and p.object in involved)
+                  if (p.kind == "NetworkPolicy" and p.object in involved)
+                  or (p.kind in ("AdminNetworkPolicy", BASELINE) and p.object in admins))
     return Explanation(src.name, dst.name, port, protocol, fam,
                        egress.allowed and ingress.allowed, egress, ingress, notes)
 
@@ -234,11 +329,15 @@ def render(e: Explanation, color: bool = False) -> str:
         who = e.source if d.direction == "egress" else e.destination
         if not d.applies:
             state = "not isolated"
+        elif d.tier in ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy"):
+            state = "allows" if d.allowed else paint("refuses", "bad", color)
         elif not d.isolated:
             state = "not isolated, allows"
         else:
             state = f"isolated, {'allows' if d.allowed else paint('refuses', 'bad', color)}"
         lines.append(f"  {d.direction} of {printable(who)}: {state}: {printable(d.reason)}")
+        if d.admin_policies:
+            lines.append(f"    admin policies: {printable(', '.join(d.admin_policies))}")
         if d.policies:
             lines.append(f"    selected by: {printable(', '.join(d.policies))}")
         for hit in d.allowed_by[1:]:

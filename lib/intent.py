@@ -13,9 +13,10 @@ reset for TCP, ICMP port unreachable otherwise).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
+from lib.model import Pod, PolicyPort
 from lib.ruleset import IpSet
 
 RETURN, REJECT, JUMP, GOTO, LOG = "return", "reject", "jump", "goto", "log"
@@ -121,3 +122,22 @@ class NodeIntent:
 
     def family(self, family: int) -> FamilyIntent:
         return self.v4 if family == 4 else self.v6
+
+
+def port_match(port: PolicyPort, pod: Pod, peer: Match = ANY) -> Optional[Match]:
+    """The peer's match narrowed to the port entry; None when the entry can
+    match nothing (a named port the pod does not declare)."""
+    proto = port.protocol.lower()
+    if port.port is None:
+        return replace(peer, protocol=proto)
+    if isinstance(port.port, str):
+        numbers = [cp.port for cp in pod.ports
+                   if cp.name == port.port and cp.protocol == port.protocol]
+        if not numbers:
+            return None
+        return replace(peer, protocol=proto, dports=(numbers[0], numbers[0]))
+    if port.end_port is not None and port.end_port != port.port:
+        if port.end_port < port.port:
+            return None
+        return replace(peer, protocol=proto, dports=(port.port, port.end_port))
+    return replace(peer, protocol=proto, dports=(port.port, port.port))

@@ -37,6 +37,15 @@ def safe_comment(text: str) -> str:
     return _UNSAFE.sub("_", text)[:MAX_COMMENT]
 
 
+def set_member(net) -> list[str]:
+    """Members as `ipset save` prints them: host routes bare, a /0 as its two halves."""
+    if net.prefixlen == 0:
+        return [h.with_prefixlen for h in net.subnets()]
+    if net.prefixlen == net.max_prefixlen:
+        return [str(net.network_address)]
+    return [net.with_prefixlen]
+
+
 @dataclass(frozen=True)
 class Rule:
     """One rule of one chain: iptables arguments (matches and target, no

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Iterable, Mapping, Optional
 
-from lib.model import (Cluster, LabelSelector, NetworkPolicy, Peer, Pod,
-                       Requirement)
+from lib.model import (AdminPeer, AdminPolicy, Cluster, LabelSelector, NetworkPolicy, Node, Peer,
+                       Pod, Requirement)
 
 NAME_LABEL = "kubernetes.io/metadata.name"
 
@@ -98,6 +98,8 @@ class ClusterIndex:
         self._peer_memo: dict[tuple[Optional[str], Peer], tuple[Pod, ...]] = {}
         self._ordinals_memo: dict[tuple[Optional[str], Peer], frozenset[int]] = {}
         self._peers_memo: dict[tuple[str, tuple[Peer, ...]], tuple[Pod, ...]] = {}
+        self._subjects: dict[int, frozenset[int]] = {}
+        self._nodes_memo: dict[LabelSelector, tuple[Node, ...]] = {}
 
     def namespaces_selected(self, selector: LabelSelector) -> tuple[str, ...]:
         """Names of the namespaces the selector matches, sorted."""
@@ -194,4 +196,32 @@ class ClusterIndex:
                 pods = self.pods
                 hit = tuple(pods[i] for i in sorted(union))
             self._peers_memo[key] = hit
+        return hit
+
+    # the admin tiers ------------------------------------------------------
+
+    def admin_pods(self, peer: AdminPeer) -> tuple[Pod, ...]:
+        """Pods an admin `pods`/`namespaces` peer matches, cluster-wide, in pod order."""
+        if peer.namespace_selector is None:
+            return ()
+        return self.peer_pods("", Peer(pod_selector=peer.pod_selector,
+                                       namespace_selector=peer.namespace_selector))
+
+    def admin_selects(self, policy: AdminPolicy, pod: Pod) -> bool:
+        """Whether the admin policy's subject holds the pod (never a host-network one)."""
+        hit = self._subjects.get(id(policy))
+        if hit is None:
+            subject = AdminPeer(namespace_selector=policy.subject.namespace_selector,
+                                pod_selector=policy.subject.pod_selector)
+            hit = frozenset(self._ordinal[id(p)] for p in self.admin_pods(subject))
+            self._subjects[id(policy)] = hit
+        ordinal = self._ordinal.get(id(pod))
+        return ordinal is not None and ordinal in hit
+
+    def nodes_selected(self, selector: LabelSelector) -> tuple[Node, ...]:
+        hit = self._nodes_memo.get(selector)
+        if hit is None:
+            hit = tuple(n for n in sorted(self.cluster.nodes, key=lambda n: n.name)
+                        if matches(selector, n.label_map))
+            self._nodes_memo[selector] = hit
         return hit

@@ -1,10 +1,12 @@
 """Short constructors for lib.model values, so a test reads like the manifest it stands for."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Optional, Union
 
-from lib.model import (EGRESS, INGRESS, TCP, Cluster, ContainerPort, IPBlock, LabelSelector,
-                       Namespace, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule, Requirement,
+from lib.model import (ADMIN, BASELINE, EGRESS, INGRESS, TCP, AdminPeer, AdminPolicy, AdminRule,
+                       AdminSubject, Cluster, ContainerPort, IPBlock, LabelSelector, Namespace,
+                       NetworkPolicy, Node, Peer, Pod, PolicyPort, PolicyRule, Requirement,
                        freeze_labels)
 
 NAME_LABEL = "kubernetes.io/metadata.name"
@@ -92,3 +94,68 @@ def cluster(*objects: Union[Namespace, Pod, NetworkPolicy, Iterable]) -> Cluster
         pods=tuple(o for o in flat if isinstance(o, Pod)),
         policies=tuple(o for o in flat if isinstance(o, NetworkPolicy)),
     )
+
+
+# --- the admin tiers -----------------------------------------------------
+
+def ns_subject(labels: Optional[dict] = None) -> AdminSubject:
+    """subject.namespaces: every pod of the matching namespaces."""
+    return AdminSubject(sel(labels))
+
+
+def pods_subject(ns_labels: Optional[dict], pod_labels: Optional[dict]) -> AdminSubject:
+    return AdminSubject(sel(ns_labels), sel(pod_labels))
+
+
+def a_namespaces(labels: Optional[dict] = None) -> AdminPeer:
+    return AdminPeer(namespace_selector=sel(labels), pod_selector=sel())
+
+
+def a_pods(ns_labels: Optional[dict], pod_labels: Optional[dict]) -> AdminPeer:
+    return AdminPeer(namespace_selector=sel(ns_labels), pod_selector=sel(pod_labels))
+
+
+def a_nodes(labels: Optional[dict] = None) -> AdminPeer:
+    return AdminPeer(node_selector=sel(labels))
+
+
+def a_networks(*cidrs: str) -> AdminPeer:
+    return AdminPeer(networks=tuple(cidrs))
+
+
+def named(name: str) -> PolicyPort:
+    """namedPort: no protocol, the container port's own."""
+    return PolicyPort(None, name)
+
+
+def arule(action: str, peers: Optional[Iterable[AdminPeer]] = None,
+          ports: Optional[Iterable[PolicyPort]] = None, name: str = "") -> AdminRule:
+    return AdminRule(action, None if peers is None else tuple(peers),
+                     None if ports is None else tuple(ports), name)
+
+
+def _indexed(rules) -> tuple[AdminRule, ...]:
+    return tuple(AdminRule(r.action, r.peers, r.ports, r.name, i) for i, r in enumerate(rules or ()))
+
+
+def anp(name: str, priority: Optional[int], subject: AdminSubject,
+        ingress: Optional[Iterable[AdminRule]] = None,
+        egress: Optional[Iterable[AdminRule]] = None, log_drops: bool = False) -> AdminPolicy:
+    return AdminPolicy(ADMIN, name, subject, priority, _indexed(ingress), _indexed(egress), log_drops)
+
+
+def banp(subject: AdminSubject, ingress: Optional[Iterable[AdminRule]] = None,
+         egress: Optional[Iterable[AdminRule]] = None, log_drops: bool = False) -> AdminPolicy:
+    return AdminPolicy(BASELINE, "default", subject, None, _indexed(ingress), _indexed(egress),
+                       log_drops)
+
+
+def node(name: str, ips: Iterable[str], **labels: str) -> Node:
+    return Node(name, freeze_labels(labels), tuple(ips))
+
+
+def with_admin(c: Cluster, admin: Iterable[AdminPolicy] = (), baseline: Optional[AdminPolicy] = None,
+               nodes: Iterable[Node] = ()) -> Cluster:
+    """The cluster with admin policies in evaluation order (priority, then name)."""
+    ordered = sorted(admin, key=lambda a: (a.priority is not None, a.priority or 0, a.name))
+    return replace(c, admin_policies=tuple(ordered), baseline=baseline, nodes=tuple(nodes))

@@ -19,7 +19,8 @@ from lib.conntrack import (Flow, delete_commands, parse_addresses, parse_line, p
                            stale_flows)
 from lib.explain import explain
 from lib.model import EGRESS, INGRESS, UDP, Cluster
-from tests.unit.builders import (block, cport, namespace, pod, pods_peer, policy, pport, rule,
+from tests.unit.builders import (a_networks, a_pods, anp, arule, banp, ns_subject, pods_subject,
+                                 with_admin, block, cport, namespace, pod, pods_peer, policy, pport, rule,
                                  sel)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conntrack"
@@ -315,3 +316,20 @@ def test_delete_commands_group_source_ports_and_filter_on_nat_target():
 
 def test_no_stale_flow_no_command():
     assert delete_commands([]) == []
+
+
+def test_admin_tiers_cut_what_they_refuse_and_keep_what_they_allow():
+    """An ANP Deny cuts flows no NetworkPolicy isolates; an ANP Allow keeps
+    flows a NetworkPolicy refuses; a BANP Deny cuts where no NetworkPolicy
+    selects the pod."""
+    deny_external = anp("no-external", 1, pods_subject({}, {"app": "client"}),
+                        egress=[arule("Deny", [a_networks("192.0.2.0/24")])])
+    allow_frontend = anp("frontend-to-server", 2, pods_subject({}, {"app": "server"}),
+                         ingress=[arule("Allow", [a_pods({}, {"app": "frontend"})])])
+    baseline = banp(ns_subject({}), ingress=[arule("Deny", [a_pods({}, {"app": "remote"})])])
+    c = with_admin(cluster(policy("a/deny-server", sel({"app": "server"}), types=[INGRESS])),
+                   [deny_external, allow_frontend], baseline)
+    to_outside, kept = tcp(CLIENT, EXTERNAL, 443), tcp(FRONTEND, SERVER, 8080)
+    refused_by_np, refused_by_banp = tcp(CLIENT, SERVER, 8080), tcp(REMOTE, FRONTEND, 80)
+    assert stale([to_outside, kept, refused_by_np, refused_by_banp], c) == [
+        to_outside, refused_by_np, refused_by_banp]

@@ -89,7 +89,8 @@ def test_json_output(api):
     assert doc["ingress"]["policies"] == ["x/web"] and doc["ingress"]["allowed_by"] == []
     assert doc["egress"] == {"direction": "egress", "applies": True, "isolated": False,
                              "policies": [], "allowed_by": [], "allowed": True,
-                             "reason": "no policy isolates x/client for egress"}
+                             "reason": "no policy isolates x/client for egress",
+                             "tier": "", "decided_by": "", "admin_policies": [], "passed_by": ""}
 
 
 def test_the_node_reaches_its_own_pods_by_the_hostIP_its_pods_report(api):

@@ -69,6 +69,7 @@ class _Match:
     in_iface: Optional[str] = None
     limited: bool = False
     target: str = ""
+    goto: bool = False                 # -g: when the chain gone to ends, so does this one
     reject_with: Optional[str] = None
     log_prefix: Optional[str] = None
     log_group: Optional[int] = None
@@ -157,8 +158,10 @@ def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
                 put("limited", True)
             else:
                 raise TraceError(f"rule {rule.args}: unknown match module {module!r}")
-        elif tok == "-j":
+        elif tok in ("-j", "-g"):
             put("target", take())
+            if tok == "-g":
+                put("goto", True)
         elif tok == "--reject-with":
             if fields.get("target") != "REJECT":
                 raise TraceError(f"rule {rule.args}: --reject-with outside REJECT")
@@ -188,6 +191,8 @@ def _parse(rule: Rule, family: int, sets: dict[str, IpSet]) -> _Match:
             raise TraceError(f"rule {rule.args}: argument {tok!r} not understood")
     if not fields.get("target"):
         raise TraceError(f"rule {rule.args}: no target")
+    if fields.get("goto") and fields["target"] in ("RETURN", "REJECT") + LOG_TARGETS:
+        raise TraceError(f"rule {rule.args}: -g needs a chain, not {fields['target']}")
     if fields.get("limited") and fields["target"] not in LOG_TARGETS:
         raise TraceError(f"rule {rule.args}: a rate limit in front of {fields['target']} would make "
                          "the verdict depend on earlier traffic")
@@ -295,6 +300,8 @@ class Tracer:
             self.path.append(m.target)
             if self._walk(self.chains[m.target], packet, depth + 1) == "REJECT":
                 return "REJECT"
+            if m.goto:
+                return "RETURN"
         return None
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from lib.compile import (FORWARD_CHAIN, INPUT_CHAIN, LOCAL_DST_CHAIN, LOCAL_SRC_CHAIN,
-                         UNKNOWN_CHAIN, local_set_name, pod_chain_name)
+                         UNKNOWN_CHAIN, local_set_name, np_tier_chain_name, pod_chain_name)
 from lib.cycle import count
 from lib.model import EGRESS, INGRESS, Cluster, Pod
 from lib.plan import Change, KernelState, Plan, TableState
@@ -44,7 +44,8 @@ class PodStatus:
     ips: tuple[str, ...]
     ingress_isolated: bool
     egress_isolated: bool
-    policies: tuple[str, ...]   # every policy selecting the pod, either direction
+    policies: tuple[str, ...]   # every NetworkPolicy selecting the pod, either direction
+    admin_policies: tuple[str, ...]   # admin policies selecting it, in evaluation order ("ANP a", "BANP default")
     rules: int                  # rules of its chains, all families
     sets: tuple[str, ...]       # sets its rules match
     chains: tuple[ChainStatus, ...]
@@ -197,21 +198,24 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
         if pod.node != node:
             continue
         policies = index.policies_for(pod)
+        admin = [a for a in cluster.admin_policies if index.admin_selects(a, pod)]
+        if cluster.baseline is not None and index.admin_selects(cluster.baseline, pod):
+            admin.append(cluster.baseline)
         chains: list[ChainStatus] = []
         sets: set[str] = set()
         for family in families:
             for direction, name in ((INGRESS, "ingress"), (EGRESS, "egress")):
-                chain_name = pod_chain_name(pod, direction)
-                chain = chain_maps[family].get(chain_name)
-                table = tables[family]
-                if chain is None:
-                    if table is not None and chain_name in table.chains:
-                        chains.append(ChainStatus(chain_name, family, name, 0, STALE,
-                                                  "in the kernel, not desired"))
-                    continue
-                sets.update(_sets_of(chain, wanted_sets))
-                chains.append(_chain_status(chain, name, family, desired, table,
-                                            tops[family], kernel))
+                for chain_name in (pod_chain_name(pod, direction), np_tier_chain_name(pod, direction)):
+                    chain = chain_maps[family].get(chain_name)
+                    table = tables[family]
+                    if chain is None:
+                        if table is not None and chain_name in table.chains:
+                            chains.append(ChainStatus(chain_name, family, name, 0, STALE,
+                                                      "in the kernel, not desired"))
+                        continue
+                    sets.update(_sets_of(chain, wanted_sets))
+                    chains.append(_chain_status(chain, name, family, desired, table,
+                                                tops[family], kernel))
         checked = [r for r in recognition if any((":" in ip) == (r.family == 6) for ip in pod.ips)]
         unknown_reasons = [why for r in checked for why in _unknown_reasons(pod, r)]
         states = {c.state for c in chains}
@@ -228,6 +232,7 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
             ingress_isolated=any(INGRESS in p.policy_types for p in policies),
             egress_isolated=any(EGRESS in p.policy_types for p in policies),
             policies=tuple(p.key for p in policies),
+            admin_policies=tuple(a.key for a in admin),
             rules=sum(c.rules for c in chains), sets=tuple(sorted(sets)),
             chains=tuple(chains), state=state, reasons=reasons,
             known=not unknown_reasons if checked else None))
@@ -259,13 +264,18 @@ _COLUMNS = ("POD", "INGRESS", "EGRESS", "POLICIES", "RULES", "SETS", "KERNEL")
 def render_table(s: NodeStatus, color: bool = False) -> str:
     """One row per local pod, a summary line, then why each pod that is
     not in sync differs, then the node's other pending changes (top chains,
-    hooks, new-pod isolation, sets no pod uses)."""
-    rows = [_COLUMNS]
+    hooks, new-pod isolation, sets no pod uses). An ADMIN column lists the
+    admin policies selecting each pod when any does."""
+    admin = any(p.admin_policies for p in s.pods)
+    columns = _COLUMNS[:4] + ("ADMIN",) + _COLUMNS[4:] if admin else _COLUMNS
+    rows = [columns]
     for p in s.pods:
-        rows.append((printable(p.pod), "isolated" if p.ingress_isolated else "-",
-                     "isolated" if p.egress_isolated else "-", str(len(p.policies)),
-                     str(p.rules), str(len(p.sets)), p.state))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        row = ["isolated" if p.ingress_isolated else "-", "isolated" if p.egress_isolated else "-",
+               str(len(p.policies))]
+        if admin:
+            row.append(printable(",".join(k.replace(" ", ":") for k in p.admin_policies)) or "-")
+        rows.append((printable(p.pod), *row, str(p.rules), str(len(p.sets)), p.state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(rows):
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from lib.compile import compile_node, np_tier_chain_name, pod_chain_name
+from lib.compile import CompileOptions, compile_node, np_tier_chain_name, pod_chain_name
 from lib.explain import explain, render
 from lib.model import ALLOW, DENY, EGRESS, INGRESS, PASS, TCP, UDP, PolicyPort
 from tests.unit.builders import (NAME_LABEL, a_namespaces, a_networks, a_nodes, a_pods, anp, arule,
                                  banp, cluster, named, node, ns_peer, ns_subject, pods_peer,
                                  pods_subject, policy, pport, rule, sel, with_admin)
 from tests.unit.test_compile import NAMESPACES, NODE_IPS, PODS, Expect, Net, mismatches
+from tests.unit.tracer import Packet, Tracer
 
 X = {NAME_LABEL: "x"}
 NODES = [node("n1", NODE_IPS["n1"], role="worker"), node("n2", NODE_IPS["n2"], role="control")]
@@ -291,3 +292,30 @@ def test_explain_names_the_deciding_tier_and_rule():
     baseline = CASES["the BANP decides only where no NetworkPolicy selects the pod"]
     b = net(baseline["policies"], baseline=baseline["baseline"]).cluster
     assert explain(b, "x/b", "x/c", 80).ingress.decided_by == "BANP default ingress rule 1: Deny"
+
+
+# --------------------------------------------------------------------------
+# drop logging names the admin policy that refused
+
+def test_admin_refusals_are_logged_under_the_policy_that_refused():
+    """With the policy's annotation, or --log-drops, each Deny rule logs just
+    before it refuses, with a prefix naming the pod and the admin policy;
+    allowed packets and refusals of other tiers are logged as before."""
+    deny = anp("deny-team-b", 10, ns_subject(X), ingress=[arule(DENY, [a_namespaces({"team": "b"})])],
+               log_drops=True)
+    base = banp(ns_subject(X), ingress=[arule(DENY, [a_pods(X, {"app": "c"})])])
+    c = with_admin(cluster(NAMESPACES, PODS, [policy("x/deny-b", sel({"app": "b"}), types=[INGRESS])]),
+                   [deny], base, NODES)
+    for options, banp_logged in ((CompileOptions(), False), (CompileOptions(log_drops=True), True)):
+        t1 = Tracer(compile_node(c, "n1", options=options), 4)
+        assert t1.verdict("FORWARD", Packet("10.1.0.12", "10.1.0.10", "tcp", 80)) == "reject"
+        assert t1.logged == [("NFLOG", "KPM DROP in x/a anp/deny-team-b ")]
+        assert t1.verdict("FORWARD", Packet("10.1.0.11", "10.1.0.10", "tcp", 80)) == "reject"
+        assert t1.logged == ([("NFLOG", "KPM DROP in x/a banp/default ")] if banp_logged else [])
+        assert t1.verdict("FORWARD", Packet("10.2.0.10", "10.1.0.10", "tcp", 80)) == "allow"
+        assert t1.logged == []
+        t2 = Tracer(compile_node(c, "n2", options=options), 4)
+        assert t2.verdict("FORWARD", Packet("10.2.0.12", "10.2.0.10", "tcp", 80)) == "reject"
+        assert t2.logged == [("NFLOG", "KPM DROP in x/b anp/deny-team-b ")]
+        assert t2.verdict("FORWARD", Packet("10.1.0.10", "10.2.0.10", "tcp", 80)) == "reject"
+        assert t2.logged == ([("NFLOG", "KPM DROP in x/b ")] if banp_logged else [])

@@ -5,12 +5,12 @@ import dataclasses
 import json
 
 from lib.compile import (FORWARD_CHAIN, LOCAL_SRC_CHAIN, UNKNOWN_CHAIN, CompileOptions,
-                         compile_node, local_set_name, pod_chain_name)
+                         compile_node, local_set_name, np_tier_chain_name, pod_chain_name)
 from lib.model import EGRESS, INGRESS
 from lib.plan import KernelState, diff
 from lib.status import DIFFERS, IN_SYNC, MISSING, STALE, node_status, render_table
-from tests.unit.builders import (cluster, cport, namespace, pod, pods_peer, policy, pport, rule,
-                                 sel)
+from tests.unit.builders import (a_namespaces, anp, arule, banp, cluster, cport, namespace, ns_subject,
+                                 pod, pods_peer, pods_subject, policy, pport, rule, sel, with_admin)
 from tests.unit.fake_kernel import state_of
 
 NODE = "n1"
@@ -219,3 +219,24 @@ def test_with_the_known_pods_set_gone_every_pod_without_chains_differs():
     assert by["x/free"].reasons == (
         f"not known (IPv4): set {name} missing: its traffic is refused",)
     assert by["x/web"].known is True and by["x/db"].known is True   # known by their rules
+
+
+def test_admin_policies_per_pod_and_both_chains_of_a_pass():
+    """The ADMIN column names the admin policies selecting each pod, in
+    evaluation order; a Pass gives the pod a NetworkPolicy tier chain of its
+    own, checked like the entry chain."""
+    c = with_admin(CLUSTER, [anp("pass-clients", 5, pods_subject({}, {"app": "web"}),
+                                 ingress=[arule("Pass", [a_namespaces()], [pport(80)])])],
+                   banp(ns_subject(), ingress=[arule("Deny", [a_namespaces()])]))
+    desired = compile_node(c, NODE)
+    current = drop_chain(state_of(desired), 4, np_tier_chain_name(WEB, INGRESS))
+    s = node_status(c, desired, current, diff(desired, current), NODE, "nft")
+    web, free = pods(s)["x/web"], pods(s)["x/free"]
+    assert web.admin_policies == ("ANP pass-clients", "BANP default")
+    assert free.admin_policies == ("BANP default",)
+    assert web.state == MISSING
+    assert f"{np_tier_chain_name(WEB, INGRESS)} (IPv4 ingress): missing" in web.reasons
+    lines = render_table(s).splitlines()
+    assert lines[0].split() == ["POD", "INGRESS", "EGRESS", "POLICIES", "ADMIN", "RULES", "SETS", "KERNEL"]
+    assert lines[3].split()[:5] == ["x/web", "isolated", "isolated", "2", "ANP:pass-clients,BANP:default"]
+    assert lines[2].split()[:5] == ["x/free", "-", "-", "0", "BANP:default"]

@@ -33,14 +33,17 @@ from typing import Iterable
 
 from lib.nft_state import (
     ADDR, FAMILY, KEY_FAMILY, MAX_COMMENT, TABLE, AddressSet, Chain, Table,
-    VerdictMap, canonical_element, name_family, tag_of, valid_name,
+    VerdictMap, canonical_element, name_family, valid_name,
 )
 from lib.plan import Change, hashes_drift
+from lib.ruleset import COMMENT_TAG, HASH_LEN
 
 ELEMENTS_PER_LINE = 500        # elements per add/delete element line
 _T = f"{FAMILY} {TABLE}"
 _REFERENCE = re.compile(r"(?:^|[\s{,:])(jump|goto)\s+([^\s,}]+)|@([^\s,}]+)")
 _REFUSING = ("reject", "drop")
+_UNSAFE_STATEMENT = re.compile(r"[\n\r;#]")
+_OUR_COMMENT = re.compile(re.escape(COMMENT_TAG) + r"[0-9a-f]{%d}(?: [^\"\n\r\\]*)?" % HASH_LEN)
 _BASE_POLICY = "accept"        # we only narrow: a base chain of ours lets through what it does not refuse
 
 
@@ -66,15 +69,14 @@ def _tokens(statement: str) -> list[str]:
 
 def _check_rule(chain: Chain, i: int, names: set[str], sets: set[str]) -> None:
     rule = chain.rules[i]
+    s, c = rule.statement, rule.comment
     where = f"nft chain {chain.name}: rules[{i}]"
-    s = rule.statement
-    if not s.strip() or any(c in s for c in "\n\r;#") or s.count('"') % 2:
+    if not s.strip() or _UNSAFE_STATEMENT.search(s) or s.count('"') % 2:
         raise ValueError(f"{where}: statement {s!r} must be one nft statement "
                          "(no newline, ';' or '#', quotes paired)")
     if "accept" in _tokens(s):
         raise ValueError(f"{where}: statement {s!r} accepts; our rules only return or refuse")
-    c = rule.comment
-    if tag_of(c) is None or len(c) > MAX_COMMENT or any(ch in c for ch in '"\n\r\\'):
+    if c is None or len(c) > MAX_COMMENT or not _OUR_COMMENT.fullmatch(c):
         raise ValueError(f"{where}: comment {c!r} must be kpm:<hash> text, at most "
                          f"{MAX_COMMENT} characters, without quotes or backslashes")
     for m in _REFERENCE.finditer(s):
@@ -109,12 +111,13 @@ def _check_desired(desired: Table) -> None:
                              "and '-', at most 255 characters")
     if len(names) != len(desired.chains) or len(set(sets)) != len(sets):
         raise ValueError("nft desired table: chain, set and map names must be unique")
+    set_names = set(sets)
     for chain in desired.chains:
         if chain.base is not None and chain.base.policy != _BASE_POLICY:
             raise ValueError(f"nft chain {chain.name}: base chain policy must be accept, "
                              f"not {chain.base.policy}")
         for i in range(len(chain.rules)):
-            _check_rule(chain, i, names, set(sets))
+            _check_rule(chain, i, names, set_names)
     for s in desired.sets:
         if s.key not in KEY_FAMILY or (s.interval and s.key not in ADDR.values()) or s.extra:
             raise ValueError(f"nft set {s.name}: key {s.key!r} (interval {s.interval}) is not "

@@ -50,6 +50,7 @@ VERDICT_KINDS = ("accept", "drop", "return", "continue", "jump", "goto")
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}  # the ones with ports
 
 _NAME = re.compile(r"kpm-[a-z0-9][a-z0-9-]*")
+_TAG = re.compile(re.escape(COMMENT_TAG) + r"([0-9a-f]{%d})(?: |$)" % HASH_LEN)
 _UNSAFE_TEXT = re.compile(r"[^A-Za-z0-9._/:\[\]=,+ -]")
 _FAMILY_OF_NAME = re.compile(r"kpm-[a-z]+([46])(?:-|$)")
 
@@ -72,16 +73,8 @@ def hashed_name(kind: str, family: int, *parts: str) -> str:
 
 def tag_of(comment: Optional[str]) -> Optional[str]:
     """The hash of a "kpm:<hash> ..." comment; None for anything else."""
-    if (comment is None or not comment.startswith(COMMENT_TAG)
-            or len(comment) < len(COMMENT_TAG) + HASH_LEN):
-        return None
-    end = len(COMMENT_TAG) + HASH_LEN
-    digest = comment[len(COMMENT_TAG):end]
-    if len(comment) > end and comment[end] != " ":
-        return None
-    if any(c not in "0123456789abcdef" for c in digest):
-        return None
-    return digest
+    m = _TAG.match(comment) if comment else None
+    return m.group(1) if m else None
 
 
 # --- types ------------------------------------------------------------------

@@ -46,7 +46,6 @@ PRIORITY = -10
 ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 ADDR_PROTO_PORT = {f: f"{ADDR[f]} . inet_proto . inet_service" for f in ADDR}
 KEY_FAMILY = {key: f for f, key in ADDR.items()} | {key: f for f, key in ADDR_PROTO_PORT.items()}
-VERDICT_KINDS = ("accept", "drop", "return", "continue", "jump", "goto")
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}  # the ones with ports
 
 _NAME = re.compile(r"kpm-[a-z0-9][a-z0-9-]*")

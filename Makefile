@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iptables ipset conntrack iproute2 time
+APT_PACKAGES := iptables ipset conntrack iproute2 nftables time
 CASES ?= tests/cases
 
 .PHONY: demo test unit lab bench deps venv scanners clean
@@ -11,7 +11,7 @@ CASES ?= tests/cases
 # System packages the dataplane and the lab need, installed only when missing.
 deps:
 	@missing=""; \
-	for bin in iptables-nft-restore iptables-legacy-restore ipset conntrack ip; do \
+	for bin in iptables-nft-restore iptables-legacy-restore ipset conntrack ip nft; do \
 	  command -v $$bin >/dev/null 2>&1 || missing=1; \
 	done; \
 	[ -x /usr/bin/time ] || missing=1; \

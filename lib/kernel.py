@@ -46,11 +46,12 @@ class KernelError(Exception):
     an interrupted apply had done before the failing step."""
 
     def __init__(self, message: str, step: str = "", exit_code: Optional[int] = None,
-                 stats: Optional["ApplyStats"] = None):
+                 stats: Optional["ApplyStats"] = None, stderr: str = ""):
         super().__init__(message)
         self.step = step
         self.exit_code = exit_code
         self.stats = stats
+        self.stderr = stderr           # the binary's own words, whole, when it failed
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ApplyStats:
     iptables_lines: int = 0            # non-empty lines fed to iptables-restore
     ipset_lines: int = 0               # non-empty lines fed to ipset restore
     seconds: tuple = ()                # ((step, seconds), ...) in the order run
+    nft_lines: int = 0                 # lines fed to nft -f (the nftables dataplane)
 
     @property
     def step_seconds(self) -> dict[str, float]:
@@ -133,10 +135,11 @@ class Running:
             if self._killed:
                 raise KernelError(f"{self.step}: {self.binary} timed out after "
                                   f"{self.timeout:g} s and was killed", step=self.step) from None
+            stderr = _decode(err.stderr)
             raise KernelError(
                 f"{self.step}: {self.binary} exited with code {err.exit_code}: "
-                f"{_describe_stderr(_decode(err.stderr), self.stdin)}",
-                step=self.step, exit_code=err.exit_code) from None
+                f"{_describe_stderr(stderr, self.stdin)}",
+                step=self.step, exit_code=err.exit_code, stderr=stderr) from None
         finally:
             self._timer.cancel()
         return _decode(done.stdout)     # a kill that came after the end changed nothing

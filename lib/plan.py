@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from lib.ruleset import (
     FAMILIES, MAX_CHAIN_NAME, MAX_SET_NAME, PREFIX, SET_FAMILY, Chain, DesiredState, FamilyState,
@@ -188,22 +188,30 @@ def _diff_sets(desired: DesiredState, current: KernelState):
 
 # --- chains and hooks ---------------------------------------------------------
 
-def _chain_drift(chain: Chain, saved: tuple[SavedRule, ...]) -> str:
-    """Why a differing owned chain looks tampered with rather than out of
-    date; "" when an earlier desired state explains it."""
-    have = [r.hash for r in saved]
-    untagged = have.count(None)
+def hashes_drift(want: Sequence[str], have: Sequence[Optional[str]],
+                 refuses: Callable[[int], bool]) -> str:
+    """Why a chain whose rule hashes read back (`have`, None for an untagged
+    rule) differ from the desired ones looks tampered with rather than out
+    of date; "" when an earlier desired state explains it. `refuses(i)`
+    says whether desired rule i is a REJECT/DROP (our chains end in those,
+    and new rules go before them)."""
+    untagged = list(have).count(None)
     if untagged:
         return f"{untagged} untagged rule{'s' if untagged > 1 else ''}"
-    want = Counter(chain.hashes)
-    if any(n > want[h] for h, n in Counter(have).items() if h in want):
+    wanted = Counter(want)
+    if any(n > wanted[h] for h, n in Counter(have).items() if h in wanted):
         return "duplicated rules"
-    if not have and chain.rules:
+    if not have and want:
         return "emptied"
-    if len(have) < len(chain.rules) and tuple(have) == chain.hashes[:len(have)]:
-        if any(_target(r) in _VERDICTS for r in chain.rules[len(have):]):
+    if len(have) < len(want) and tuple(have) == tuple(want[:len(have)]):
+        if any(refuses(i) for i in range(len(have), len(want))):
             return "lost its final rules"
     return ""
+
+
+def _chain_drift(chain: Chain, saved: tuple[SavedRule, ...]) -> str:
+    return hashes_drift(chain.hashes, [r.hash for r in saved],
+                        lambda i: _target(chain.rules[i]) in _VERDICTS)
 
 
 def _diff_chains(fs: FamilyState, table: TableState):

@@ -58,6 +58,18 @@ def wire_pod(node_ns: str, pod_ns: str, veth: str, pod_ip: dict[int, str]) -> No
     ip("-n", node_ns, "-6", "route", "add", f"{pod_ip[6]}/128", "dev", veth)
 
 
+def wire_node(node: str, client: str, server: str) -> None:
+    """The node forwards between the client and the server pod, and holds
+    NODE_ADDRESS itself."""
+    write_sysctls(node, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                         "net.ipv6.conf.all.accept_dad": "0",
+                         "net.ipv6.conf.default.accept_dad": "0"})
+    wire_pod(node, client, "vclient", CLIENT)
+    wire_pod(node, server, "vserver", SERVER)
+    ip("-n", node, "addr", "add", f"{NODE_ADDRESS[4]}/32", "dev", "lo")
+    ip("-n", node, "addr", "add", f"{NODE_ADDRESS[6]}/128", "dev", "lo")
+
+
 @dataclass
 class EchoServer:
     """Echoes what each connection sends, on every port given, in `netns`."""
@@ -183,13 +195,7 @@ def topology(request, netns_factory):
         pytest.skip("needs conntrack (conntrack-tools)")
     family = request.param
     node, client, server = netns_factory(), netns_factory(), netns_factory()
-    write_sysctls(node, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
-                         "net.ipv6.conf.all.accept_dad": "0",
-                         "net.ipv6.conf.default.accept_dad": "0"})
-    wire_pod(node, client, "vclient", CLIENT)
-    wire_pod(node, server, "vserver", SERVER)
-    ip("-n", node, "addr", "add", f"{NODE_ADDRESS[4]}/32", "dev", "lo")
-    ip("-n", node, "addr", "add", f"{NODE_ADDRESS[6]}/128", "dev", "lo")
+    wire_node(node, client, server)
     # The node enforces the open policy first: its ctstate rule is what turns
     # conntrack on in the namespace, as kube-proxy's rules do on a real node.
     kernel = Kernel("nft", netns=node, families=(family,))

@@ -342,7 +342,9 @@ def test_cluster_role_only_reads_what_the_program_uses():
         ("", "pods"): READ_VERBS,
         ("", "namespaces"): READ_VERBS,
         ("networking.k8s.io", "networkpolicies"): READ_VERBS,
-        ("", "nodes"): {"get"},
+        ("policy.networking.k8s.io", "adminnetworkpolicies"): READ_VERBS,
+        ("policy.networking.k8s.io", "baselineadminnetworkpolicies"): READ_VERBS,
+        ("", "nodes"): READ_VERBS,      # get: this node's pod ranges; list, watch: `nodes` peers
     }
 
 

@@ -364,12 +364,15 @@ class WatchCache:
 
     def _watch(self) -> bool:
         """One watch stream, to its end; whether it was healthy (raises ApiError otherwise)."""
+        if not self._enabled.is_set():
+            return True                           # disabled while listing: nothing to watch
         timeout = int(self.watch_seconds * (1 + self.jitter * random.random()))
         version = self.resource_version
         stream = self.client.watch(self.path, version, timeout)
         with self._lock:
             self._stream = stream
-        if self._stop.is_set():
+            cut = self._stop.is_set() or not self._enabled.is_set()
+        if cut:
             stream.close()
         self._in_sync()
         opened = time.monotonic()

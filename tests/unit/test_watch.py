@@ -527,6 +527,21 @@ def test_the_admin_kinds_wait_for_the_nodes_and_fail_without_them(serve, watched
         cache.snapshot()
 
 
+def test_nodes_listed_while_the_admin_kinds_went_away_are_not_kept_nor_watched(serve, watched):
+    api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
+    cache, _ = watched(api, recheck=0.1)
+    api.hang_next(1.5, path=NODES)
+    api.set_admin_api(True)
+    eventually(lambda: any(r.status == 200 for r in lists(api.requests, ADMIN_NETWORK_POLICIES)))
+    time.sleep(0.2)                                  # the Nodes list is in flight
+    api.set_admin_api(False)
+    eventually(lambda: not cache.caches["admin_policies"].served)
+    eventually(lambda: lists(api.requests, NODES), timeout=3)      # the list came back
+    time.sleep(0.3)
+    assert api.open_watches(NODES) == 0 and not cache.caches["nodes"].served
+    assert not cache.snapshot().admin_served and cache.snapshot().nodes == []
+
+
 def test_a_node_heartbeat_updates_the_cache_but_fires_nothing(serve, watched):
     api = serve(admin_api=True, nodes=NODES_0)
     cache, trigger = watched(api, synced=False)

@@ -216,13 +216,13 @@ def print_plan(output: str, the_plan, desired, current) -> None:
 
 
 def explain_command(args, log) -> int:
-    from lib import explain, kubeapi, node_addresses, objects, terminal
+    from lib import cycle, explain, kubeapi, node_addresses, terminal
     port, protocol = args.port
     try:
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
         with kubeapi.ApiClient(config) as api:
             fetched = api.list_cluster()
-        cluster = objects.parse_cluster(fetched.namespaces, fetched.pods, fetched.policies)
+        cluster = cycle.parse_fetched(fetched)
         result = explain.explain(cluster, args.source, args.destination, port, protocol,
                                  args.family, node_addresses.from_pods(fetched.pods))
     except Exception as exc:  # noqa: BLE001 - any failure ends the command with a clear line

@@ -7,7 +7,9 @@ through `trimmed()` as it arrives, so that the rest never takes memory: at
 10,000 pods that is most of what a cycle (or the watch cache) holds.
 
 What is kept is exactly what lib/objects.py parses (and lib/node_addresses.py
-reads of a pod), with the identity and version that fingerprints and watches
+reads of a pod; a Node listed as a `nodes` peer keeps its labels and
+status.addresses, not the spec.podCIDRs that --isolate-new-pods reads
+through a separate get), with the identity and version that fingerprints and watches
 use. A value of an unexpected type is kept as it is, so that parsing reports
 it just as it would have on the whole object; a test asserts that parsing a
 trimmed object gives what parsing the whole one gives.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from lib.model import ADMIN, BASELINE
 from lib.objects import LOG_DROPS_ANNOTATION
 
 _IDENTITY = ("name", "namespace", "uid", "resourceVersion")
@@ -40,48 +43,55 @@ def _metadata(meta: Any, labels: bool, annotation: bool) -> Any:
     return out
 
 
-def _container(container: Any) -> Any:
-    return _pick(container, ("ports",))
-
-
-def pod(obj: Any) -> Any:
-    if not isinstance(obj, dict):
-        return obj
-    out: dict = {}
-    if "metadata" in obj:
-        out["metadata"] = _metadata(obj["metadata"], labels=True, annotation=False)
-    if "spec" in obj:
-        spec = _pick(obj["spec"], _POD_SPEC)
-        if isinstance(spec, dict) and isinstance(spec.get("containers"), list):
-            spec["containers"] = [_container(c) for c in spec["containers"]]
-        out["spec"] = spec
-    if "status" in obj:
-        out["status"] = _pick(obj["status"], _POD_STATUS)
-    return out
-
-
-def namespace(obj: Any) -> Any:
-    if not isinstance(obj, dict):
-        return obj
-    if "metadata" not in obj:
-        return {}
-    return {"metadata": _metadata(obj["metadata"], labels=True, annotation=True)}
-
-
-def network_policy(obj: Any) -> Any:
-    """The whole spec is kept: an unknown field in it changes the verdict."""
+def _kept(obj: Any, *, labels: bool, annotation: bool, **parts: Callable[[Any], Any]) -> Any:
+    """The metadata `_metadata` keeps, and each part (spec, status) that its
+    function keeps."""
     if not isinstance(obj, dict):
         return obj
     out = {}
     if "metadata" in obj:
-        out["metadata"] = _metadata(obj["metadata"], labels=False, annotation=True)
-    if "spec" in obj:
-        out["spec"] = obj["spec"]
+        out["metadata"] = _metadata(obj["metadata"], labels=labels, annotation=annotation)
+    for key, keep in parts.items():
+        if key in obj:
+            out[key] = keep(obj[key])
     return out
 
 
+def _container(container: Any) -> Any:
+    return _pick(container, ("ports",))
+
+
+def _pod_spec(spec: Any) -> Any:
+    spec = _pick(spec, _POD_SPEC)
+    if isinstance(spec, dict) and isinstance(spec.get("containers"), list):
+        spec["containers"] = [_container(c) for c in spec["containers"]]
+    return spec
+
+
+def pod(obj: Any) -> Any:
+    return _kept(obj, labels=True, annotation=False, spec=_pod_spec,
+                 status=lambda status: _pick(status, _POD_STATUS))
+
+
+def namespace(obj: Any) -> Any:
+    return _kept(obj, labels=True, annotation=True)
+
+
+def policy(obj: Any) -> Any:
+    """A NetworkPolicy or an admin policy: the whole spec is kept, as an
+    unknown field in it changes the verdict."""
+    return _kept(obj, labels=False, annotation=True, spec=lambda spec: spec)
+
+
+def node(obj: Any) -> Any:
+    """A Node as a `nodes` peer: its labels and status.addresses."""
+    return _kept(obj, labels=True, annotation=False,
+                 status=lambda status: _pick(status, ("addresses",)))
+
+
 BY_KIND: dict[str, Callable[[Any], Any]] = {
-    "Namespace": namespace, "Pod": pod, "NetworkPolicy": network_policy}
+    "Namespace": namespace, "Pod": pod, "NetworkPolicy": policy,
+    ADMIN: policy, BASELINE: policy, "Node": node}
 
 
 def trimmed(kind: str, obj: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from lib import compile as compiler
 from lib import conntrack, logs, objects, plan as planner
-from lib.model import Cluster, Problem
+from lib.model import ADMIN, BASELINE, Cluster, Problem
 from lib.plan import KernelState, Plan
 from lib.ruleset import DesiredState, FamilyState
 from lib.selectors import ClusterIndex
@@ -86,7 +86,8 @@ def only_families(desired: DesiredState, families) -> DesiredState:
 
 
 # kind, and the ClusterObjects list of that kind
-_LISTS = (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies"))
+_LISTS = (("Namespace", "namespaces"), ("Pod", "pods"), ("NetworkPolicy", "policies"),
+          (ADMIN, "admin_policies"), (BASELINE, "baseline_policies"), ("Node", "nodes"))
 
 
 def fingerprint(fetched) -> Optional[tuple]:
@@ -103,6 +104,14 @@ def fingerprint(fetched) -> Optional[tuple]:
                 return None
             items.append(key)
     return tuple(items)
+
+
+def parse_fetched(fetched, memo: Optional[objects.ParseMemo] = None) -> Cluster:
+    """The model of one read of the API (lib.kubeapi.ClusterObjects), every kind included."""
+    return objects.parse_cluster(
+        fetched.namespaces, fetched.pods, fetched.policies, memo=memo,
+        admin_policies=fetched.admin_policies, baseline_policies=fetched.baseline_policies,
+        nodes=fetched.nodes)
 
 
 @dataclass(frozen=True)
@@ -237,9 +246,7 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
                 return key, last.compiled, None
             if last is not None:
                 last.compiled = None          # freed before the next one is built
-            return key, None, objects.parse_cluster(
-                fetched.namespaces, fetched.pods, fetched.policies,
-                memo=last.memo if last is not None else None)
+            return key, None, parse_fetched(fetched, last.memo if last is not None else None)
 
         key, compiled, parsed = stage("parse", recognise_or_parse)
         # Nothing past parse reads the API objects: freed before compile and

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -39,7 +39,8 @@ import requests
 import yaml
 from urllib3.exceptions import InsecureRequestWarning, ReadTimeoutError
 
-from lib import api_fields
+from lib import api_fields, logs
+from lib.model import ADMIN, BASELINE
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ NAMESPACES = "/api/v1/namespaces"
 PODS = "/api/v1/pods"
 NETWORK_POLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 NODES = "/api/v1/nodes"
+# The admin tiers: CustomResourceDefinitions a cluster may not have installed.
+ADMIN_GROUP_VERSION = "policy.networking.k8s.io/v1alpha1"
+ADMIN_NETWORK_POLICIES = f"/apis/{ADMIN_GROUP_VERSION}/adminnetworkpolicies"
+BASELINE_ADMIN_NETWORK_POLICIES = f"/apis/{ADMIN_GROUP_VERSION}/baselineadminnetworkpolicies"
+ADMIN_RESOURCES = ("adminnetworkpolicies", "baselineadminnetworkpolicies")
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_LIST_RESTARTS = 3           # after a 410 Gone on a continue token
@@ -116,12 +122,53 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class ClusterObjects:
-    """One complete read of the objects a cycle needs, with the API load it cost."""
+    """One complete read of the objects a cycle needs, with the API load it cost.
+
+    The admin policy kinds are read only where the API server serves them
+    (`admin_api`: which of ADMIN_RESOURCES it does), and the Nodes (for
+    `nodes` peers) only while it serves one of them."""
     namespaces: list
     pods: list
     policies: list
     requests: int                        # HTTP requests made, failed ones included
     bytes: int                           # response body bytes as transferred
+    admin_policies: list = field(default_factory=list)
+    baseline_policies: list = field(default_factory=list)
+    nodes: list = field(default_factory=list)
+    admin_api: frozenset = frozenset()
+
+    @property
+    def admin_served(self) -> bool:
+        return bool(self.admin_api)
+
+
+def admin_api_message(served: frozenset) -> str:
+    """What the cluster serves of the admin tiers, and so what is enforced."""
+    missing = [r for r in ADMIN_RESOURCES if r not in served]
+    kinds = (["AdminNetworkPolicy"] if ADMIN_RESOURCES[0] in served else []) + ["NetworkPolicy"]
+    kinds += ["BaselineAdminNetworkPolicy"] if ADMIN_RESOURCES[1] in served else []
+    enforcing = ("NetworkPolicy alone" if len(kinds) == 1
+                 else ", ".join(kinds[:-1]) + " and " + kinds[-1])
+    state = f"{' and '.join(missing)} not served" if missing else f"{' and '.join(ADMIN_RESOURCES)} served"
+    return f"{ADMIN_GROUP_VERSION} {state}: enforcing {enforcing}"
+
+
+class AdminApiLog:
+    """Says which admin policy kinds the API server does not serve, once at
+    start and again whenever that changes. A cluster without their
+    CustomResourceDefinitions is normal: an INFO line, not a warning."""
+
+    def __init__(self) -> None:
+        self._served: Optional[frozenset] = None
+
+    def update(self, served: frozenset) -> None:
+        if served == self._served:
+            return
+        first, self._served = self._served is None, served
+        if first and served == frozenset(ADMIN_RESOURCES):
+            return                          # everything is there: nothing to say
+        logs.get().info(admin_api_message(served),
+                        extra={"event": "admin-api", "served": sorted(served)})
 
 
 # -- configuration -------------------------------------------------------------
@@ -414,6 +461,7 @@ class ApiClient:
         self.page_size = page_size
         self.request_count = 0
         self.byte_count = 0
+        self.admin_api_log = AdminApiLog()
         self._base = config.server.rstrip("/")
         self._token_file = _TokenFile(config.token_file) if config.token_file and not config.token else None
         session = requests.Session()
@@ -445,10 +493,13 @@ class ApiClient:
 
     def list_cluster(self, trim: Optional[Callable[[str, Any], Any]] = api_fields.trimmed
                      ) -> ClusterObjects:
-        """Namespaces, Pods and NetworkPolicies, each list complete, or ApiError.
-        `trim(kind, obj)` is applied to each object as its page arrives, so
-        that a page's unread fields are freed before the next page is
-        fetched; None keeps the objects whole."""
+        """Namespaces, Pods, NetworkPolicies and, where the API server serves
+        them, AdminNetworkPolicies, BaselineAdminNetworkPolicies and then
+        Nodes; each list complete, or ApiError. A kind the server does not
+        serve (404) is asked for again by the next call, which costs one
+        small answer. `trim(kind, obj)` is applied to each object as its page
+        arrives, so that a page's unread fields are freed before the next page
+        is fetched; None keeps the objects whole."""
         requests_before, bytes_before = self.request_count, self.byte_count
 
         def of(kind: str) -> Optional[Callable[[Any], Any]]:
@@ -457,9 +508,27 @@ class ApiClient:
         namespaces = self.list(NAMESPACES, of("Namespace"))
         pods = self.list(PODS, of("Pod"))
         policies = self.list(NETWORK_POLICIES, of("NetworkPolicy"))
+        admin = self._list_if_served(ADMIN_NETWORK_POLICIES, of(ADMIN))
+        baseline = self._list_if_served(BASELINE_ADMIN_NETWORK_POLICIES, of(BASELINE))
+        served = frozenset(r for r, items in zip(ADMIN_RESOURCES, (admin, baseline))
+                           if items is not None)
+        nodes = self.list(NODES, of("Node")) if served else []
+        self.admin_api_log.update(served)
         return ClusterObjects(namespaces, pods, policies,
                               requests=self.request_count - requests_before,
-                              bytes=self.byte_count - bytes_before)
+                              bytes=self.byte_count - bytes_before,
+                              admin_policies=admin or [], baseline_policies=baseline or [],
+                              nodes=nodes, admin_api=served)
+
+    def _list_if_served(self, path: str, trim: Optional[Callable[[Any], Any]]) -> Optional[list]:
+        """The list at `path`, or None when the API server does not serve it
+        (404: its CustomResourceDefinition is not installed)."""
+        try:
+            return self.list(path, trim)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def get_node(self, name: str) -> dict:
         """The Node object `name` as the API sent it (lib/objects.py reads its

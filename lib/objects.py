@@ -19,24 +19,44 @@ isolates:
 - an unknown field directly in `spec` (perhaps a newer API field whose meaning
   we would miss) keeps the isolation and drops every rule.
 
-Pods and Namespaces are data for selectors: a bad label entry or container
-port is dropped on its own, with a Problem.
+An AdminNetworkPolicy or BaselineAdminNetworkPolicy rule is evaluated in
+order and may deny, so a dropped rule could open what it closed. Instead:
 
-The annotation `kube-policy-manager/log-drops` on a NetworkPolicy or a
-Namespace asks for the refusals it causes to be logged; it changes no
+- a rule with any invalid part (action, peer, selector, CIDR, port, name, an
+  unknown field, a peer kind its direction does not allow) denies all
+  traffic at its place;
+- an AdminNetworkPolicy whose `spec.priority` is missing or out of range
+  goes before every other one, and each of its rules denies all traffic;
+- an invalid `spec.subject` selects every pod (every pod of the selected
+  namespaces, when only the podSelector of `pods` is at fault), and each rule
+  denies all traffic;
+- an unknown field directly in `spec` makes each rule deny all traffic;
+  `spec.ingress` / `spec.egress` that is not a list is one rule that does;
+- a baseline policy not named `default` is ignored, as the API server
+  refuses such names; AdminNetworkPolicies that share a priority are all
+  kept, in name order, with a Problem saying so.
+
+Pods, Namespaces and Nodes are data for selectors: a bad label entry,
+container port or node address is dropped on its own, with a Problem.
+
+The annotation `kube-policy-manager/log-drops` on a NetworkPolicy, an admin
+policy or a Namespace asks for the refusals it causes to be logged; it changes no
 verdict, so a value we cannot read is a Problem and means "no logging".
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import re
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 from lib.model import (
-    EGRESS, EVERYTHING, INGRESS, PROTOCOLS, TCP, Cluster, ContainerPort, IPBlock,
-    LabelSelector, Namespace, NetworkPolicy, Peer, Pod, PolicyPort, PolicyRule,
-    Problem, Requirement, freeze_labels,
+    ADMIN, ALLOW, BASELINE, DENY, EGRESS, EVERYTHING, INGRESS, NOTHING, PASS, PROTOCOLS, TCP,
+    AdminPeer, AdminPolicy, AdminRule, AdminSubject, Cluster, ContainerPort, IPBlock,
+    LabelSelector, Namespace, NetworkPolicy, Node, Peer, Pod, PolicyPort, PolicyRule, Problem,
+    Requirement, freeze_labels,
 )
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -53,6 +73,26 @@ REQUIREMENT_FIELDS = ("key", "operator", "values")
 PEER_FIELDS = ("podSelector", "namespaceSelector", "ipBlock")
 PORT_FIELDS = ("protocol", "port", "endPort")
 IPBLOCK_FIELDS = ("cidr", "except")
+
+ADMIN_SPEC_FIELDS = ("priority", "subject", "ingress", "egress")
+BASELINE_SPEC_FIELDS = ("subject", "ingress", "egress")
+SUBJECT_FIELDS = ("namespaces", "pods")
+NAMESPACED_POD_FIELDS = ("namespaceSelector", "podSelector")
+INGRESS_PEER_FIELDS = ("namespaces", "pods")
+EGRESS_PEER_FIELDS = ("namespaces", "pods", "nodes", "networks")
+ADMIN_PORT_FIELDS = ("portNumber", "namedPort", "portRange")
+ADMIN_ACTIONS = (ALLOW, DENY, PASS)
+BASELINE_ACTIONS = (ALLOW, DENY)
+BASELINE_NAME = "default"       # the only name the API server accepts for a baseline policy
+NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+CLUSTER_SCOPED = ("Namespace", "Node", ADMIN, BASELINE)
+MAX_PRIORITY = 1000
+MAX_ITEMS = 100                 # rules of a direction; peers and ports of a rule
+MAX_NETWORKS = 25
+MAX_RULE_NAME = 100
+MAX_CIDR_TEXT = 43
+ALL_PODS = AdminSubject(namespace_selector=EVERYTHING, pod_selector=EVERYTHING)
+DENIES_ALL = "rule denies all traffic"
 
 MAX_SHOWN = 64                  # characters of a value quoted in a message
 
@@ -697,7 +737,366 @@ def _ip_block(r: _Report, value: Any, path: str) -> Optional[IPBlock]:
     return IPBlock(cidr=str(network), excepts=tuple(str(n) for n in sorted(inside)))
 
 
+# --- admin network policies (policy.networking.k8s.io/v1alpha1) ------------------
+
+def parse_admin_policy(obj: Any) -> tuple[Optional[AdminPolicy], list[Problem]]:
+    """An AdminNetworkPolicy."""
+    return _parse_admin_policy(obj, UNKNOWN)
+
+
+def parse_baseline_policy(obj: Any) -> tuple[Optional[AdminPolicy], list[Problem]]:
+    """A BaselineAdminNetworkPolicy; None, with a Problem, unless it is named `default`."""
+    return _parse_baseline_policy(obj, UNKNOWN)
+
+
+def _parse_admin_policy(obj: Any, where: str) -> tuple[Optional[AdminPolicy], list[Problem]]:
+    return _parse_admin(ADMIN, obj, where)
+
+
+def _parse_baseline_policy(obj: Any, where: str) -> tuple[Optional[AdminPolicy], list[Problem]]:
+    return _parse_admin(BASELINE, obj, where)
+
+
+def _deny_all(rule: AdminRule) -> AdminRule:
+    """The fail-closed form of a rule: a Deny of all traffic at its place."""
+    return AdminRule(action=DENY, name=rule.name, index=rule.index)
+
+
+def _parse_admin(kind: str, obj: Any, where: str) -> tuple[Optional[AdminPolicy], list[Problem]]:
+    _, name, problems = _identity(kind, obj, where, namespaced=False)
+    if name is None:
+        return None, problems
+    r = _Report(kind, _object_label(None, name))
+    if kind == BASELINE and name != BASELINE_NAME:
+        r.add("metadata.name", f'must be "{BASELINE_NAME}": the API server accepts no other name '
+                               "for a BaselineAdminNetworkPolicy (ignored)")
+        return None, r.problems
+    log_drops = _flag_annotation(r, obj["metadata"], LOG_DROPS_ANNOTATION)
+
+    spec = obj.get("spec")
+    if spec is None:
+        r.add("spec", "required (the policy has no rule: it changes no verdict)")
+        return AdminPolicy(kind, name, ALL_PODS, log_drops=log_drops), r.problems
+    if not isinstance(spec, dict):
+        r.add("spec", f"must be an object, got {show(spec)} "
+                      "(policy applied to every pod, denies all traffic both ways)")
+        return AdminPolicy(kind, name, ALL_PODS, ingress=(AdminRule(DENY),),
+                           egress=(AdminRule(DENY),), log_drops=log_drops), r.problems
+
+    known = ADMIN_SPEC_FIELDS if kind == ADMIN else BASELINE_SPEC_FIELDS
+    deny_all = _unknown_fields(r, spec, "spec", known,
+                               "every rule of the policy denies all traffic") > 0
+    priority = None
+    if kind == ADMIN:
+        priority = _priority(r, spec.get("priority"))
+        deny_all = deny_all or priority is None
+    subject, understood = _admin_subject(r, spec.get("subject"))
+    deny_all = deny_all or not understood
+    ingress = _admin_rules(r, kind, spec.get("ingress"), "spec.ingress", INGRESS)
+    egress = _admin_rules(r, kind, spec.get("egress"), "spec.egress", EGRESS)
+    if deny_all:
+        ingress, egress = tuple(map(_deny_all, ingress)), tuple(map(_deny_all, egress))
+    return AdminPolicy(kind=kind, name=name, subject=subject, priority=priority,
+                       ingress=ingress, egress=egress, log_drops=log_drops), r.problems
+
+
+def _priority(r: _Report, value: Any) -> Optional[int]:
+    """spec.priority, or None: the policy then goes before every other one, and
+    each of its rules denies all traffic."""
+    note = "policy denies all traffic of its subject"
+    if value is None:
+        r.add("spec.priority", f"required ({note})")
+    elif not _is_int(value):
+        r.add("spec.priority", f"must be an integer, got {show(value)} ({note})")
+    elif not 0 <= value <= MAX_PRIORITY:
+        r.add("spec.priority", f"must be between 0 and {MAX_PRIORITY}, got {show(value)} ({note})")
+    else:
+        return value
+    return None
+
+
+def _admin_subject(r: _Report, value: Any) -> tuple[AdminSubject, bool]:
+    """The subject, and whether it was understood. One that was not selects
+    every pod (every pod of the namespaces it selects, when only the
+    podSelector of `pods` is at fault), and the caller makes every rule deny
+    all traffic."""
+    path = "spec.subject"
+    start = len(r)
+    subject = ALL_PODS
+    if not isinstance(value, dict):
+        r.add(path, "required" if value is None else f"must be an object, got {show(value)}")
+    else:
+        _unknown_fields(r, value, path, SUBJECT_FIELDS)
+        given = [k for k in SUBJECT_FIELDS if value.get(k) is not None]
+        if len(given) != 1:
+            r.add(path, _exactly_one(SUBJECT_FIELDS, given))
+        if "namespaces" in given:
+            namespaces = _selector(r, value["namespaces"], path + ".namespaces")
+            subject = AdminSubject(namespace_selector=namespaces or NOTHING)
+        if "pods" in given:
+            namespaces, pods, pods_from = _namespaced_pods(r, value["pods"], path + ".pods")
+            if pods_from == start and namespaces is not None and len(r) > start:
+                r.annotate_since(start, "policy applied to every pod of the namespaces it "
+                                        "selects, every rule denies all traffic")
+                return AdminSubject(namespace_selector=namespaces), False
+            subject = AdminSubject(namespace_selector=namespaces or NOTHING,
+                                   pod_selector=pods or NOTHING)
+    if len(r) > start:
+        r.annotate_since(start, "policy applied to every pod, every rule denies all traffic")
+        return ALL_PODS, False
+    return subject, True
+
+
+def _namespaced_pods(r: _Report, value: Any, path: str
+                     ) -> tuple[Optional[LabelSelector], Optional[LabelSelector], int]:
+    """`pods` of a subject or a peer, where both selectors are required: the
+    two selectors (None when invalid), and how many problems the report held
+    before the podSelector was looked at."""
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None, None, len(r)
+    _unknown_fields(r, value, path, NAMESPACED_POD_FIELDS)
+    namespaces = _required_selector(r, value.get("namespaceSelector"), path + ".namespaceSelector")
+    before_pods = len(r)
+    pods = _required_selector(r, value.get("podSelector"), path + ".podSelector")
+    return namespaces, pods, before_pods
+
+
+def _required_selector(r: _Report, value: Any, path: str) -> Optional[LabelSelector]:
+    if value is None:
+        r.add(path, "required")
+        return None
+    return _selector(r, value, path)
+
+
+def _exactly_one(fields: tuple[str, ...], given: list[str]) -> str:
+    expected = "must specify exactly one of " + ", ".join(fields)
+    return expected + (f", got {' and '.join(given)}" if given else "")
+
+
+def _admin_rules(r: _Report, kind: str, value: Any, path: str, direction: str
+                 ) -> tuple[AdminRule, ...]:
+    """One direction's rules in order; each invalid one denies all traffic at
+    its place, and a list that cannot be read is one rule that does."""
+    if value is None:
+        return ()
+    note = "this direction denies all traffic"
+    if not isinstance(value, list):
+        r.add(path, f"must be a list, got {show(value)} ({note})")
+        return (AdminRule(DENY),)
+    if len(value) > MAX_ITEMS:
+        r.add(path, f"must have at most {MAX_ITEMS} items, got {len(value)} ({note})")
+        return (AdminRule(DENY),)
+    return tuple(_admin_rule(r, kind, item, f"{path}[{i}]", direction, i)
+                 for i, item in enumerate(value))
+
+
+def _admin_rule(r: _Report, kind: str, value: Any, path: str, direction: str,
+                index: int) -> AdminRule:
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)} ({DENIES_ALL})")
+        return AdminRule(DENY, index=index)
+    start = len(r)
+    peers_key = "from" if direction == INGRESS else "to"
+    _unknown_fields(r, value, path, ("name", "action", peers_key, "ports"))
+    name = _rule_name(r, value.get("name"), path + ".name")
+    action = _action(r, kind, value.get("action"), path + ".action")
+    peers = _admin_peers(r, value.get(peers_key), f"{path}.{peers_key}", direction)
+    ports = _admin_ports(r, value.get("ports"), path + ".ports")
+    if (any(p.node_selector is not None or p.networks for p in peers)
+            and any(p.protocol is None for p in ports or ())):
+        r.add(path, "a namedPort may not be used with nodes or networks peers: nodes and "
+                    "networks have no named ports")
+    if len(r) > start:
+        r.annotate_since(start, DENIES_ALL)
+        return AdminRule(DENY, name=name, index=index)
+    return AdminRule(action=action, peers=peers, ports=ports, name=name, index=index)
+
+
+def _rule_name(r: _Report, value: Any, path: str) -> str:
+    """The rule's name, kept whenever it is a string (logs use it)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        r.add(path, f"must be a string, got {show(value)}")
+        return ""
+    if len(value) > MAX_RULE_NAME:
+        r.add(path, f"must be no more than {MAX_RULE_NAME} characters, got {len(value)}")
+    return value
+
+
+def _action(r: _Report, kind: str, value: Any, path: str) -> Optional[str]:
+    actions = ADMIN_ACTIONS if kind == ADMIN else BASELINE_ACTIONS
+    if value is None:
+        r.add(path, "required")
+    elif isinstance(value, str) and value in actions:
+        return value
+    else:
+        r.add(path, f"unsupported value {show(value)}: supported values: "
+              + ", ".join(f'"{a}"' for a in actions))
+    return None
+
+
+def _bounded_list(r: _Report, value: Any, path: str, most: int) -> Optional[list]:
+    """`value` when it is a list of 1 to `most` items, else None (reported)."""
+    if not isinstance(value, list):
+        r.add(path, "required" if value is None else f"must be a list, got {show(value)}")
+    elif not value:
+        r.add(path, "must have at least 1 item")
+    elif len(value) > most:
+        r.add(path, f"must have at most {most} items, got {len(value)}")
+    else:
+        return value
+    return None
+
+
+def _admin_peers(r: _Report, value: Any, path: str, direction: str) -> tuple[AdminPeer, ...]:
+    """Meaningful only when nothing was reported (the rule then denies all)."""
+    items = _bounded_list(r, value, path, MAX_ITEMS) or []
+    peers = (_admin_peer(r, item, f"{path}[{i}]", direction) for i, item in enumerate(items))
+    return tuple(p for p in peers if p is not None)
+
+
+def _admin_peer(r: _Report, value: Any, path: str, direction: str) -> Optional[AdminPeer]:
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return None
+    allowed = INGRESS_PEER_FIELDS if direction == INGRESS else EGRESS_PEER_FIELDS
+    start = len(r)
+    for key in value:
+        if key in EGRESS_PEER_FIELDS and key not in allowed:
+            r.add(_key(path, key), "not allowed in ingress rules: nodes and networks peers are "
+                                   "for egress only")
+    _unknown_fields(r, value, path, EGRESS_PEER_FIELDS)
+    given = [k for k in allowed if value.get(k) is not None]
+    if len(given) > 1 or (not given and len(r) == start):
+        r.add(path, _exactly_one(allowed, given))
+    if len(given) != 1:
+        return None
+    key = given[0]
+    where = f"{path}.{key}"
+    if key == "namespaces":
+        return AdminPeer(namespace_selector=_selector(r, value[key], where), pod_selector=EVERYTHING)
+    if key == "pods":
+        namespaces, pods, _ = _namespaced_pods(r, value[key], where)
+        return AdminPeer(namespace_selector=namespaces, pod_selector=pods)
+    if key == "nodes":
+        return AdminPeer(node_selector=_selector(r, value[key], where))
+    return AdminPeer(networks=_networks(r, value[key], where))
+
+
+def _networks(r: _Report, value: Any, path: str) -> tuple[str, ...]:
+    """The CIDRs of a `networks` peer, normalised, sorted and deduplicated."""
+    items = _bounded_list(r, value, path, MAX_NETWORKS) or []
+    networks, seen = set(), set()
+    for i, text in enumerate(items):
+        where = f"{path}[{i}]"
+        if not isinstance(text, str):
+            r.add(where, f"must be a string, got {show(text)}")
+        elif len(text) > MAX_CIDR_TEXT:
+            r.add(where, f"must be no more than {MAX_CIDR_TEXT} characters, got {len(text)}")
+        elif text in seen:
+            r.add(where, f"duplicate value {quote(text)}")
+        elif (network := _parse_cidr(text)) is None:
+            r.add(where, f"invalid CIDR {quote(text)}")
+        elif network.version == 6 and network.network_address.ipv4_mapped is not None:
+            r.add(where, f"invalid CIDR {quote(text)}: IPv4-mapped IPv6 addresses are not allowed")
+        else:
+            networks.add(network)
+        if isinstance(text, str):
+            seen.add(text)
+    return tuple(str(n) for n in sorted(networks, key=lambda n: (n.version, n)))
+
+
+def _admin_ports(r: _Report, value: Any, path: str) -> Optional[tuple[PolicyPort, ...]]:
+    """None when absent (every port); meaningful only when nothing was reported."""
+    if value is None:
+        return None
+    items = _bounded_list(r, value, path, MAX_ITEMS) or []
+    return tuple(_admin_port(r, item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
+def _admin_port(r: _Report, value: Any, path: str) -> PolicyPort:
+    if not isinstance(value, dict):
+        r.add(path, f"must be an object, got {show(value)}")
+        return PolicyPort()
+    _unknown_fields(r, value, path, ADMIN_PORT_FIELDS)
+    given = [k for k in ADMIN_PORT_FIELDS if value.get(k) is not None]
+    if len(given) != 1:
+        r.add(path, _exactly_one(ADMIN_PORT_FIELDS, given))
+        return PolicyPort()
+    key = given[0]
+    where = f"{path}.{key}"
+    entry = value[key]
+    if key == "namedPort":
+        if not isinstance(entry, str):
+            r.add(where, f"must be a string, got {show(entry)}")
+        elif errors := port_name_errors(entry):
+            r.add(where, f"invalid port name {quote(entry)}: " + "; ".join(errors)
+                  + " (no container port can have it)")
+        return PolicyPort(protocol=None, port=entry)
+    if not isinstance(entry, dict):
+        r.add(where, f"must be an object, got {show(entry)}")
+        return PolicyPort()
+    numbers = ("port",) if key == "portNumber" else ("start", "end")
+    _unknown_fields(r, entry, where, ("protocol",) + numbers)
+    protocol = _protocol(r, entry.get("protocol"), where + ".protocol") or TCP
+    found = [_required_port(r, entry.get(n), f"{where}.{n}") for n in numbers]
+    if key == "portNumber":
+        return PolicyPort(protocol=protocol, port=found[0])
+    start, end = found
+    if start is not None and end is not None and end < start:
+        r.add(where + ".end", f"must be >= start ({start})")
+    return PolicyPort(protocol=protocol, port=start, end_port=end)
+
+
+def _required_port(r: _Report, value: Any, path: str) -> Optional[int]:
+    if value is None:
+        r.add(path, "required")
+        return None
+    return _port_number(r, value, path)
+
+
 # --- nodes -------------------------------------------------------------------------
+
+def parse_node(obj: Any) -> tuple[Optional[Node], list[Problem]]:
+    return _parse_node(obj, UNKNOWN)
+
+
+def _parse_node(obj: Any, where: str) -> tuple[Optional[Node], list[Problem]]:
+    """Name, labels and the InternalIP / ExternalIP entries of status.addresses;
+    a bad entry is left out on its own."""
+    _, name, problems = _identity("Node", obj, where, namespaced=False)
+    if name is None:
+        return None, problems
+    r = _Report("Node", _object_label(None, name))
+    labels = _labels(r, obj["metadata"].get("labels"), "metadata.labels")
+    ips: list[str] = []
+    status = obj.get("status")
+    entries = status.get("addresses") if isinstance(status, dict) else None
+    if status is not None and not isinstance(status, dict):
+        r.add("status", f"must be an object, got {show(status)}")
+    elif entries is not None and not isinstance(entries, list):
+        r.add("status.addresses", f"must be a list, got {show(entries)}")
+    else:
+        for i, entry in enumerate(entries or ()):
+            path = f"status.addresses[{i}]"
+            if not isinstance(entry, dict):
+                r.add(path, f"must be an object, got {show(entry)}")
+                continue
+            kind, address = entry.get("type"), entry.get("address")
+            if not isinstance(kind, str):
+                r.add(path + ".type", _required_string(kind))
+            elif kind not in NODE_ADDRESS_TYPES:
+                continue                    # Hostname, InternalDNS, ExternalDNS: not addresses
+            elif not isinstance(address, str) or not address:
+                r.add(path + ".address", _required_string(address))
+            elif (ip := _parse_ip(address)) is None:
+                r.add(path + ".address", f"invalid IP address {quote(address)}")
+            elif str(ip) not in ips:
+                ips.append(str(ip))
+    return Node(name=name, labels=freeze_labels(labels), ips=tuple(ips)), r.problems
+
 
 def parse_node_pod_cidrs(obj: Any) -> tuple[tuple[str, ...], list[Problem]]:
     """This node's pod ranges from its Node object: `spec.podCIDRs`, else
@@ -740,7 +1139,12 @@ class ParseMemo:
     identity and resourceVersion. The API server gives an object a new
     resourceVersion on every change, so an object seen before at the same
     version parses the same, and a cycle after a change parses only what
-    changed. Only the objects of the latest parse are kept."""
+    changed. Only the objects of the latest parse are kept.
+
+    A Node is the exception: its status changes with every heartbeat of
+    its kubelet, and parsing reads only its labels and addresses, so those
+    stand for its version. A heartbeat then neither parses it again nor
+    makes a cycle recompile (cycle.fingerprint is made of these keys)."""
 
     def __init__(self) -> None:
         self._kept: dict[tuple, tuple] = {}
@@ -755,10 +1159,12 @@ class ParseMemo:
         if not isinstance(meta, dict):
             return None
         name, version, uid = meta.get("name"), meta.get("resourceVersion"), meta.get("uid")
-        namespace = meta.get("namespace") if kind != "Namespace" else ""
+        namespace = meta.get("namespace") if kind not in CLUSTER_SCOPED else ""
+        if kind == "Node" and isinstance(version, str) and version:
+            version = _node_content(obj)
         if not all(isinstance(v, str) and v for v in (name, version)):
             return None
-        if not isinstance(namespace, str) or (kind != "Namespace" and not namespace):
+        if not isinstance(namespace, str) or (kind not in CLUSTER_SCOPED and not namespace):
             return None
         if uid is not None and not isinstance(uid, str):
             return None
@@ -784,25 +1190,74 @@ class ParseMemo:
         self._kept, self._next = self._next, {}
 
 
+def _node_content(obj: dict) -> str:
+    """What parsing reads of a Node (labels, status.addresses), as a short digest.
+    In the order served: the API server writes a map's keys sorted, so the
+    same content is the same text."""
+    meta, status = obj["metadata"], obj.get("status")
+    read = [meta.get("labels"), status.get("addresses") if isinstance(status, dict) else status]
+    text = json.dumps(read, separators=(",", ":"), default=repr)
+    return "content:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def evaluation_order(policy: AdminPolicy) -> tuple:
+    """AdminNetworkPolicies by priority, then name; one without a valid
+    priority (which denies all it could) before every other."""
+    return (policy.priority is not None, policy.priority or 0, policy.name)
+
+
 def parse_cluster(namespaces: list, pods: list, policies: list,
-                  memo: Optional[ParseMemo] = None) -> Cluster:
-    """Every usable object, sorted by namespace/name; problems in input order.
-    With `memo`, objects parsed by the previous call at the same version
-    are not parsed again."""
+                  memo: Optional[ParseMemo] = None, *, admin_policies: Optional[list] = None,
+                  baseline_policies: Optional[list] = None,
+                  nodes: Optional[list] = None) -> Cluster:
+    """Every usable object, sorted by namespace/name (AdminNetworkPolicies in
+    evaluation order); problems in input order. The admin kinds default to
+    none (a cluster that does not serve them). With `memo`, objects parsed
+    by the previous call at the same version are not parsed again."""
     problems: list[Problem] = []
     if memo is not None:
         memo._start()
     found_ns = _parse_all("Namespace", "namespaces", namespaces, _parse_namespace, problems, memo)
     found_pods = _parse_all("Pod", "pods", pods, _parse_pod, problems, memo)
     found_pols = _parse_all("NetworkPolicy", "policies", policies, _parse_policy, problems, memo)
+    found_admin = _parse_all(ADMIN, "adminnetworkpolicies", admin_policies, _parse_admin_policy,
+                             problems, memo)
+    found_baseline = _parse_all(BASELINE, "baselineadminnetworkpolicies", baseline_policies,
+                                _parse_baseline_policy, problems, memo)
+    found_nodes = _parse_all("Node", "nodes", nodes, _parse_node, problems, memo)
     if memo is not None:
         memo._finish()
+    ordered = sorted(found_admin, key=evaluation_order)
+    problems.extend(_shared_priorities(ordered))
     return Cluster(
         namespaces=tuple(sorted(found_ns, key=lambda n: n.name)),
         pods=tuple(sorted(found_pods, key=lambda p: (p.namespace, p.name))),
         policies=tuple(sorted(found_pols, key=lambda p: (p.namespace, p.name))),
         problems=tuple(problems),
+        admin_policies=tuple(ordered),
+        baseline=found_baseline[0] if found_baseline else None,
+        nodes=tuple(sorted(found_nodes, key=lambda n: n.name)),
     )
+
+
+def _shared_priorities(ordered: list[AdminPolicy]) -> list[Problem]:
+    """The API leaves the order of policies of equal priority open; ours is
+    by name, and each such policy says so."""
+    sharing: dict[int, list[str]] = {}
+    for policy in ordered:
+        if policy.priority is not None:
+            sharing.setdefault(policy.priority, []).append(policy.name)
+    problems = []
+    for priority, names in sharing.items():
+        if len(names) < 2:
+            continue
+        order = (f"{_name(names[0])} is evaluated first (by name)" if len(names) == 2 else
+                 "they are evaluated in name order: " + ", ".join(map(_name, names)))
+        for name in names:
+            others = ", ".join(_name(n) for n in names if n != name)
+            problems.append(Problem(ADMIN, _name(name), "spec.priority",
+                                    f"{priority} is also the priority of {others}; {order}"))
+    return problems
 
 
 def _parse_all(kind: str, label: str, items: Any, parse: Callable, problems: list,

@@ -21,6 +21,13 @@ Staying correct, per kind (one WatchCache, one thread, one HTTP session):
   cache in one step when the new list is complete;
 - failures are retried with a doubling, jittered delay (0.5 s up to 30 s).
 
+The admin policy kinds are CustomResourceDefinitions a cluster may lack. A
+404 on one means "not served": its cache holds nothing, counts as in sync,
+and lists again every minute (`recheck`); a served kind that answers 404
+(its definition was deleted: the server ends its watch) drops its objects.
+The Nodes, which only `nodes` peers need, are listed and watched only
+while an admin kind is served.
+
 Failing safe: snapshot() raises ApiError, so that the cycle writes nothing,
 until every kind has completed its first list, and when a kind has been out
 of sync (no established watch or completed list) for longer than
@@ -51,13 +58,16 @@ import time
 from typing import Any, Callable, Optional, TypeVar
 
 from lib import api_fields, logs, objects
-from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiConfig, ApiError,
-                         ClusterObjects, WatchEventError, WatchStream)
+from lib.kubeapi import (ADMIN_NETWORK_POLICIES, ADMIN_RESOURCES, BASELINE_ADMIN_NETWORK_POLICIES,
+                         NAMESPACES, NETWORK_POLICIES, NODES, PODS, AdminApiLog, ApiClient,
+                         ApiConfig, ApiError, ClusterObjects, WatchEventError, WatchStream)
+from lib.model import ADMIN, BASELINE
 
 WATCH_SECONDS = 240.0          # the server ends a watch after this, times 1 to 1.5 (jitter)
 RETRY = (0.5, 30.0)            # first and longest delay between failed attempts
 STALE_AFTER = 30.0             # seconds out of sync before snapshot() refuses
 MIN_HEALTHY_STREAM = 0.5       # a stream that ends sooner, empty, counts as a failure
+RECHECK = 60.0                 # seconds between asks for a kind the API server does not serve
 
 R = TypeVar("R")
 
@@ -69,6 +79,14 @@ class WatchCache:
     `meaning(obj)` is what a change must alter to be reported (None: any
     ADDED, MODIFIED or DELETED is); `on_change(seen)` is called from the
     cache's thread; `trim(obj)` is what is kept of each object.
+
+    An `optional` collection (a CustomResourceDefinition the cluster may not
+    have) that answers 404 is not served: the cache then holds nothing, is
+    in sync, and asks again every `recheck` seconds; one that stops being
+    served drops its objects. A cache made with `enabled=False` asks
+    nothing until enable(True). `on_served()` is called from the cache's
+    thread when `served` (the cache holds the live collection) changes,
+    before the new state is reported as synced.
     """
 
     def __init__(self, client: ApiClient, path: str, *,
@@ -76,7 +94,9 @@ class WatchCache:
                  on_change: Optional[Callable[[float], None]] = None,
                  trim: Optional[Callable[[Any], Any]] = None,
                  watch_seconds: float = WATCH_SECONDS, jitter: float = 0.5,
-                 retry: tuple[float, float] = RETRY, stale_after: float = STALE_AFTER):
+                 retry: tuple[float, float] = RETRY, stale_after: float = STALE_AFTER,
+                 optional: bool = False, recheck: float = RECHECK,
+                 on_served: Optional[Callable[[], None]] = None, enabled: bool = True):
         if watch_seconds < 1:
             raise ValueError("watch_seconds must be >= 1")
         self.client = client
@@ -88,6 +108,14 @@ class WatchCache:
         self.jitter = jitter
         self.retry = retry
         self.stale_after = stale_after
+        self.optional = optional
+        self.recheck = recheck
+        self.on_served = on_served
+        self._served = False
+        self._enabled = threading.Event()
+        if enabled:
+            self._enabled.set()
+        self._wake = threading.Event()              # an enable(), disable or stop for the thread
         self._lock = threading.Lock()
         self._items: dict[str, dict] = {}
         self._keys: Optional[list[str]] = None       # sorted, while the key set holds
@@ -118,13 +146,33 @@ class WatchCache:
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
 
+    @property
+    def served(self) -> bool:
+        """Whether the cache holds the live collection (not while disabled, nor
+        while an optional collection is not served)."""
+        with self._lock:
+            return self._served
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last attempt to list or watch failed."""
+        with self._lock:
+            return self._last_error is not None
+
     def items(self) -> list[dict]:
         """The objects in namespace/name order, as the API lists them, or
-        ApiError while the cache cannot be trusted (see the module docstring)."""
+        ApiError while the cache cannot be trusted (see the module docstring);
+        none while an optional collection is not served."""
+        return self.contents()[1]
+
+    def contents(self) -> tuple[bool, list[dict]]:
+        """(served, items) of one moment; ApiError as items() raises it."""
         with self._lock:
             if not self._synced.is_set():
                 raise ApiError(f"{self.path}: watch cache not filled yet: the first list is not "
                                f"complete{self._cause()}", path=self.path)
+            if not self._served:
+                return False, []
             if self._out_since is not None:
                 age = time.monotonic() - self._out_since
                 if age > self.stale_after:
@@ -134,7 +182,7 @@ class WatchCache:
                 if self._keys is None:
                     self._keys = sorted(self._items)
                 self._values = [self._items[k] for k in self._keys]
-            return list(self._values)
+            return True, list(self._values)
 
     def cost(self) -> tuple[int, int]:
         """Requests made and body bytes received, over the cache's life."""
@@ -154,10 +202,34 @@ class WatchCache:
     def request_stop(self) -> None:
         """Ask the thread to end and cut its stream; stop() also waits for it."""
         self._stop.set()
+        self._wake.set()
         with self._lock:
             stream = self._stream
         if stream is not None:
             stream.close()
+
+    def enable(self, on: bool) -> None:
+        """Keep the collection (list, then watch), or stop keeping it: a
+        disabled cache asks nothing, holds nothing and is not synced, so that
+        nothing reads it as an empty collection."""
+        with self._lock:
+            if on == self._enabled.is_set():
+                return
+            had = bool(self._items)
+            self._synced.clear()
+            if on:
+                self._enabled.set()
+                self._out_since = self._last_error = None
+            else:
+                self._enabled.clear()
+                self._items, self._keys, self._values, self._version = {}, None, None, ""
+                self._served = False
+            stream = self._stream
+        if not on and stream is not None:
+            stream.close()
+        self._wake.set()
+        if not on and had:
+            self._notify(time.monotonic())
 
     def stop(self, timeout: float = 1.0) -> bool:
         """End the thread; whether it ended within `timeout`. A thread still
@@ -177,6 +249,11 @@ class WatchCache:
     def _run(self) -> None:
         need_list, failures = True, 0
         while not self._stop.is_set():
+            if not self._enabled.is_set():
+                self._wake.wait()
+                self._wake.clear()
+                need_list, failures = True, 0
+                continue
             gone = False
             try:
                 if need_list:
@@ -190,6 +267,11 @@ class WatchCache:
             except WatchEventError as exc:        # unknown what was missed: list again
                 need_list, failures, cause = True, failures + 1, str(exc)
             except ApiError as exc:
+                if self.optional and exc.status == 404:
+                    self._not_served()            # no such collection (now): ask again later
+                    self._stop.wait(self.recheck)
+                    need_list, failures = True, 0
+                    continue
                 if exc.status == 410:             # resourceVersion too old: list again
                     need_list = gone = True
                 failures, cause = failures + 1, str(exc)
@@ -199,6 +281,8 @@ class WatchCache:
                                      extra={"event": "watch-crash", "path": self.path})
             if self._stop.is_set():
                 break
+            if not self._enabled.is_set():
+                continue                          # disabled meanwhile: its stream was cut for that
             self._fell_out(cause)
             # a first 410 or bad event is answered by a list at once; every
             # other failure, and a repeated one, waits
@@ -236,12 +320,16 @@ class WatchCache:
                 key = f"\0{i}"
             fresh[key] = obj
         with self._lock:
-            if self._stop.is_set():
+            if self._stop.is_set() or not self._enabled.is_set():
                 return
-            old, first = self._items, not self._synced.is_set()
+            was_served = self._served
+            old, first = self._items, not self._synced.is_set() or not was_served
             self._items, self._keys, self._values = fresh, None, None
             self._version = version
+            self._served = True
             self._out_since = self._last_error = None
+        if not was_served:
+            self._served_changed()
         self._synced.set()
         logs.get().info(f"listed {self.path}: {len(fresh)} objects at resourceVersion {version}",
                         extra={"event": "watch-list", "path": self.path, "objects": len(fresh),
@@ -249,14 +337,42 @@ class WatchCache:
         if first or self._differ(old, fresh):
             self._notify(time.monotonic())
 
+    def _not_served(self) -> None:
+        """The API server does not serve the collection (404): hold nothing."""
+        with self._lock:
+            if self._stop.is_set() or not self._enabled.is_set():
+                return
+            was_served, had = self._served, bool(self._items)
+            first = not self._synced.is_set()
+            self._items, self._keys, self._values, self._version = {}, None, None, ""
+            self._served = False
+            self._out_since = self._last_error = None
+        if was_served:
+            self._served_changed()
+        self._synced.set()
+        if first or had or was_served:
+            self._notify(time.monotonic())
+
+    def _served_changed(self) -> None:
+        if self.on_served is None:
+            return
+        try:
+            self.on_served()
+        except Exception:  # noqa: BLE001 - a failing listener must not end the watch
+            logs.get().exception(f"watch {self.path}: served listener failed",
+                                 extra={"event": "watch-listener-error", "path": self.path})
+
     def _watch(self) -> bool:
         """One watch stream, to its end; whether it was healthy (raises ApiError otherwise)."""
+        if not self._enabled.is_set():
+            return True                           # disabled while listing: nothing to watch
         timeout = int(self.watch_seconds * (1 + self.jitter * random.random()))
         version = self.resource_version
         stream = self.client.watch(self.path, version, timeout)
         with self._lock:
             self._stream = stream
-        if self._stop.is_set():
+            cut = self._stop.is_set() or not self._enabled.is_set()
+        if cut:
             stream.close()
         self._in_sync()
         opened = time.monotonic()
@@ -289,6 +405,8 @@ class WatchCache:
             raise WatchEventError(f"GET {self.path} watch: {kind} event without "
                                   "object.metadata.name", path=self.path)
         with self._lock:
+            if not self._enabled.is_set():
+                return                            # disabled: the stream is being cut
             old = self._items.get(key)
             if kind == "DELETED":
                 if old is not None:
@@ -350,23 +468,38 @@ def _key(obj: Any) -> Optional[str]:
 
 
 class ClusterCache:
-    """Namespaces, Pods and NetworkPolicies as three WatchCaches; snapshot()
-    stands in for ApiClient.list_cluster() in a cycle."""
+    """Namespaces, Pods and NetworkPolicies; the admin policy kinds where the
+    API server serves them (asked for again every `recheck` seconds while it
+    does not); and the Nodes, for `nodes` peers, only while it serves one of
+    them: one WatchCache each. snapshot() stands in for
+    ApiClient.list_cluster() in a cycle."""
 
     KINDS = (("namespaces", NAMESPACES, "Namespace", objects.parse_namespace),
              ("pods", PODS, "Pod", objects.parse_pod),
              ("policies", NETWORK_POLICIES, "NetworkPolicy", objects.parse_policy))
+    # name, path, kind, meaning, and the resource as ClusterObjects.admin_api names it
+    ADMIN_KINDS = (("admin_policies", ADMIN_NETWORK_POLICIES, ADMIN, objects.parse_admin_policy,
+                    ADMIN_RESOURCES[0]),
+                   ("baseline_policies", BASELINE_ADMIN_NETWORK_POLICIES, BASELINE,
+                    objects.parse_baseline_policy, ADMIN_RESOURCES[1]))
 
     def __init__(self, config: ApiConfig, *, on_change: Optional[Callable[[float], None]] = None,
                  stale_after: float = STALE_AFTER, watch_seconds: float = WATCH_SECONDS,
                  jitter: float = 0.5, retry: tuple[float, float] = RETRY,
-                 timeout=(3.05, 10.0), page_size: int = 500):
-        self.caches = {
-            name: WatchCache(ApiClient(config, timeout=timeout, page_size=page_size), path,
-                             meaning=meaning, on_change=on_change,
-                             trim=api_fields.BY_KIND[kind], watch_seconds=watch_seconds,
-                             jitter=jitter, retry=retry, stale_after=stale_after)
-            for name, path, kind, meaning in self.KINDS}
+                 timeout=(3.05, 10.0), page_size: int = 500, recheck: float = RECHECK):
+        def cache(path: str, kind: str, meaning: Callable, **extra) -> WatchCache:
+            return WatchCache(ApiClient(config, timeout=timeout, page_size=page_size), path,
+                              meaning=meaning, on_change=on_change, trim=api_fields.BY_KIND[kind],
+                              watch_seconds=watch_seconds, jitter=jitter, retry=retry,
+                              stale_after=stale_after, **extra)
+
+        self.caches = {name: cache(path, kind, meaning) for name, path, kind, meaning in self.KINDS}
+        for name, path, kind, meaning, _ in self.ADMIN_KINDS:
+            self.caches[name] = cache(path, kind, meaning, optional=True, recheck=recheck,
+                                      on_served=self._admin_served_changed)
+        self.caches["nodes"] = cache(NODES, "Node", objects.parse_node, enabled=False)
+        self.admin_api_log = AdminApiLog()
+        self._lock = threading.Lock()
         self._reported = (0, 0)
 
     def __enter__(self) -> "ClusterCache":
@@ -388,23 +521,58 @@ class ClusterCache:
         return all([cache.stop(max(0.0, deadline - time.monotonic()))
                     for cache in self.caches.values()])
 
+    def _admin_served(self) -> bool:
+        return any(self.caches[name].served for name, *_ in self.ADMIN_KINDS)
+
+    def _admin_served_changed(self) -> None:
+        with self._lock:
+            self.caches["nodes"].enable(self._admin_served())
+
     def wait_synced(self, timeout: float) -> bool:
-        """Whether every kind completed its first list within `timeout`."""
+        """Whether every kind completed its first list within `timeout` (the
+        Nodes only when an admin kind is served)."""
         deadline = time.monotonic() + timeout
-        return all(cache.wait_synced(max(0.0, deadline - time.monotonic()))
-                   for cache in self.caches.values())
+        if not all(cache.wait_synced(max(0.0, deadline - time.monotonic()))
+                   for name, cache in self.caches.items() if name != "nodes"):
+            return False
+        return (not self._admin_served()
+                or self.caches["nodes"].wait_synced(max(0.0, deadline - time.monotonic())))
 
     def snapshot(self) -> ClusterObjects:
         """The cached objects, with what the API cost since the last snapshot
-        returned (0 and 0 while nothing changed), or ApiError."""
+        returned (0 and 0 while nothing changed), or ApiError.
+
+        The admin kinds count as served only once the Nodes have come too:
+        a `nodes` peer must never be read as matching no node. Until their
+        first list completes (it starts when an admin kind is first served),
+        the cycle enforces what it enforced before; if that list fails, the
+        snapshot fails."""
         namespaces = self.caches["namespaces"].items()
         pods = self.caches["pods"].items()
         policies = self.caches["policies"].items()
+        admin: dict[str, list] = {}
+        served = set()
+        for name, _, _, _, resource in self.ADMIN_KINDS:
+            is_served, admin[name] = self.caches[name].contents()
+            if is_served:
+                served.add(resource)
+        nodes: list = []
+        if served:
+            try:
+                nodes = self.caches["nodes"].items()
+            except ApiError:
+                if self.caches["nodes"].failing:
+                    raise
+                served, admin = set(), {name: [] for name in admin}
+        self.admin_api_log.update(frozenset(served))
         costs = [cache.cost() for cache in self.caches.values()]
         spent = (sum(c[0] for c in costs), sum(c[1] for c in costs))
         reported, self._reported = self._reported, spent
         return ClusterObjects(namespaces, pods, policies,
-                              requests=spent[0] - reported[0], bytes=spent[1] - reported[1])
+                              requests=spent[0] - reported[0], bytes=spent[1] - reported[1],
+                              admin_policies=admin["admin_policies"],
+                              baseline_policies=admin["baseline_policies"], nodes=nodes,
+                              admin_api=frozenset(served))
 
 
 class Trigger:

@@ -1,8 +1,10 @@
 """A small Kubernetes-shaped API server for tests, the lab and the benchmark.
 
 It is a real HTTP(S) server (stdlib, one thread per connection) that serves
-Namespaces, Pods, NetworkPolicies and Nodes the way kube-apiserver shapes
-them, so the client is exercised over real sockets, TLS and pagination
+Namespaces, Pods, NetworkPolicies, Nodes, and AdminNetworkPolicies and
+BaselineAdminNetworkPolicies (switched on and off at runtime, as a cluster
+installs or removes their CustomResourceDefinitions) the way kube-apiserver
+shapes them, so the client is exercised over real sockets, TLS and pagination
 instead of through mocks.
 
     from tests.apiserver import ApiServer
@@ -10,14 +12,16 @@ instead of through mocks.
     with ApiServer(namespaces=[...], pods=[...], policies=[...]) as api:
         client = ApiClient(load_config(api_server=api.url))
         api.set_state(pods=[...])          # atomic switch, new resourceVersion
+        api.set_admin_api(True)            # serve the admin policy kinds (404 until then)
         api.fail_next(500)                 # fault injection
         api.drop_watches()                 # cut the open watch streams
         api.requests                       # what was asked, Authorization removed
 
 Interface: ApiServer(host, port | sock=, tls_cert=, tls_key=, client_ca=,
-token=, namespaces=, pods=, policies=, nodes=, history=, bookmark_seconds=,
-watch_seconds=, too_old_watch=); .url, .address, .start(), .stop(), context
-manager; .set_state(), .resource_version, .compact(); .set_tokens(); faults
+token=, namespaces=, pods=, policies=, nodes=, admin_policies=, baseline_policies=,
+admin_api=, history=, bookmark_seconds=, watch_seconds=, too_old_watch=); .url,
+.address, .start(), .stop(), context manager; .set_state(), .resource_version,
+.compact(); .set_admin_api(), .admin_api; .set_tokens(); faults
 .fail_next(), .fail_page(), .respond_next(), .malformed_next(), .hang_next()
 (each with watch=True/False to match only watch / only other requests),
 .expire_continue(), .clear_faults(); faults of open watch streams
@@ -33,6 +37,10 @@ Served paths (GET only):
     /apis/networking.k8s.io/v1/networkpolicies,
     /apis/networking.k8s.io/v1/namespaces/NS/networkpolicies[/NAME]
     /api/v1/nodes[/NAME]
+    /apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies[/NAME],
+    /apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies[/NAME]
+        (while served, see set_admin_api(); otherwise 404 with a NotFound Status,
+        as for a cluster without their CustomResourceDefinitions)
     /version, /healthz, /readyz
 
 What it does like kube-apiserver: `XList` bodies with apiVersion, kind,
@@ -69,6 +77,11 @@ watch cache answers, or with too_old_watch="status" as an HTTP 410. A watch
 request is logged when it starts, and its entry gets its byte count when it
 ends. Explicit metadata.resourceVersion values given to set_state() are
 served as given, so a watch resuming from them is not meaningful.
+
+The admin kinds keep their objects while they are not served (set_state()
+changes them all the same); a watch of one that stops being served ends,
+as kube-apiserver ends the watches of a CustomResourceDefinition that is
+deleted, and asking again then gets the 404.
 """
 from __future__ import annotations
 
@@ -117,8 +130,15 @@ _RESOURCES = {
         _Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1",
                   "/apis/networking.k8s.io/v1", True),
         _Resource("nodes", "Node", "v1", "/api/v1", False),
+        _Resource("adminnetworkpolicies", "AdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1",
+                  "/apis/policy.networking.k8s.io/v1alpha1", False),
+        _Resource("baselineadminnetworkpolicies", "BaselineAdminNetworkPolicy",
+                  "policy.networking.k8s.io/v1alpha1", "/apis/policy.networking.k8s.io/v1alpha1",
+                  False),
     )
 }
+ADMIN_RESOURCES = ("adminnetworkpolicies", "baselineadminnetworkpolicies")
+_PREFIXES = tuple(dict.fromkeys(r.prefix for r in _RESOURCES.values()))
 
 
 @dataclass(frozen=True)
@@ -358,6 +378,9 @@ class ApiServer:
                  token: Optional[str] = None,
                  namespaces: Iterable[JsonObject] = (), pods: Iterable[JsonObject] = (),
                  policies: Iterable[JsonObject] = (), nodes: Iterable[JsonObject] = (),
+                 admin_policies: Iterable[JsonObject] = (),
+                 baseline_policies: Iterable[JsonObject] = (),
+                 admin_api: Union[bool, Iterable[str]] = False,
                  history: int = 16, bookmark_seconds: float = 60.0,
                  watch_seconds: float = 1800.0, too_old_watch: str = "event"):
         if too_old_watch not in ("event", "status"):
@@ -379,6 +402,7 @@ class ApiServer:
         self._tls_errors: list[str] = []
         self._connections: set = set()
         self._tokens: frozenset[str] = frozenset([token]) if token else frozenset()
+        self._admin_api = self._served_set(admin_api)
         self._history_size = max(1, history)
         self._history: dict[int, _Snapshot] = {}
         self._snapshot = _Snapshot(0, {name: () for name in _RESOURCES})
@@ -402,7 +426,8 @@ class ApiServer:
         self._sock = sock
         self._server = _HttpServer(sock, self)
         try:
-            self.set_state(namespaces=namespaces, pods=pods, policies=policies, nodes=nodes)
+            self.set_state(namespaces=namespaces, pods=pods, policies=policies, nodes=nodes,
+                           admin_policies=admin_policies, baseline_policies=baseline_policies)
         except Exception:
             sock.close()
             raise
@@ -478,7 +503,9 @@ class ApiServer:
     def set_state(self, namespaces: Optional[Iterable[JsonObject]] = None,
                   pods: Optional[Iterable[JsonObject]] = None,
                   policies: Optional[Iterable[JsonObject]] = None,
-                  nodes: Optional[Iterable[JsonObject]] = None) -> str:
+                  nodes: Optional[Iterable[JsonObject]] = None,
+                  admin_policies: Optional[Iterable[JsonObject]] = None,
+                  baseline_policies: Optional[Iterable[JsonObject]] = None) -> str:
         """Replace the objects of every kind given (None keeps that kind as it is)
         in one step, and return the new resourceVersion.
 
@@ -486,7 +513,9 @@ class ApiServer:
         Pods and NetworkPolicies) or a duplicate raises ValueError.
         """
         given = {"namespaces": namespaces, "pods": pods,
-                 "networkpolicies": policies, "nodes": nodes}
+                 "networkpolicies": policies, "nodes": nodes,
+                 "adminnetworkpolicies": admin_policies,
+                 "baselineadminnetworkpolicies": baseline_policies}
         with self._lock:
             old = self._snapshot
             rv = old.rv + 1
@@ -503,6 +532,29 @@ class ApiServer:
             self._forget_before(min(self._history))
             self._changed.notify_all()
         return str(rv)
+
+    @staticmethod
+    def _served_set(served: Union[bool, Iterable[str]]) -> frozenset:
+        if isinstance(served, bool):
+            return frozenset(ADMIN_RESOURCES) if served else frozenset()
+        chosen = frozenset(served)
+        if not chosen <= frozenset(ADMIN_RESOURCES):
+            raise ValueError(f"admin_api: not admin resources: {sorted(chosen - set(ADMIN_RESOURCES))}")
+        return chosen
+
+    @property
+    def admin_api(self) -> frozenset:
+        """The admin resources served now."""
+        with self._lock:
+            return self._admin_api
+
+    def set_admin_api(self, served: Union[bool, Iterable[str]]) -> None:
+        """Serve both admin kinds (True), neither (False), or those named
+        (of ADMIN_RESOURCES). Open watches of a kind no longer served end."""
+        chosen = self._served_set(served)
+        with self._changed:
+            self._admin_api = chosen
+            self._changed.notify_all()
 
     def compact(self) -> str:
         """Forget every older state, as etcd compaction does: a continue token
@@ -764,6 +816,8 @@ class ApiServer:
         else:
             continue_token = params.get("continue") or ""
             route = self._route(path)
+            if route is not None and not self._serves(route[0]):
+                route = None                    # answered 404, as an unknown resource is
             watching = (route is not None and route[2] is None
                         and params.get("watch") in ("1", "true"))
             if route is not None and route[2] is None and not watching:
@@ -816,10 +870,13 @@ class ApiServer:
             secrets.compare_digest(value.strip().encode(), t.encode()) for t in tokens)
         return "accepted" if ok else "rejected"
 
+    def _serves(self, resource: _Resource) -> bool:
+        return resource.name not in ADMIN_RESOURCES or resource.name in self._admin_api
+
     @staticmethod
     def _route(path: str) -> Optional[tuple[_Resource, str, Optional[str]]]:
         """(resource, namespace or "", object name or None for a list), or None."""
-        for prefix in ("/api/v1", "/apis/networking.k8s.io/v1"):
+        for prefix in _PREFIXES:
             if not path.startswith(prefix + "/"):
                 continue
             parts = path[len(prefix) + 1:].rstrip("/").split("/")
@@ -931,6 +988,9 @@ class ApiServer:
                 if self._stopping.is_set():
                     ended = "server stopping"
                     break
+                if not self._serves(resource):
+                    send(lines)
+                    break                               # its definition is gone: the watch ends
                 for act in actions:
                     if act.action == "drop":
                         ended = "dropped"

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lib import kubeapi
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"
@@ -330,20 +332,37 @@ def test_common_labels_reach_every_object_and_pod():
 
 # ---------------------------------------------------------------- RBAC
 
-def test_cluster_role_only_reads_what_the_program_uses():
-    role = one(main_docs(), "ClusterRole")
+def granted_by(role: dict) -> dict:
+    """(API group, resource) -> the verbs the ClusterRole grants on it."""
     granted = {}
     for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no resourceNames, no nonResourceURLs
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_cluster_role_only_reads_what_the_program_uses():
+    granted = granted_by(one(main_docs(), "ClusterRole"))
     assert granted == {
         ("", "pods"): READ_VERBS,
         ("", "namespaces"): READ_VERBS,
         ("networking.k8s.io", "networkpolicies"): READ_VERBS,
-        ("", "nodes"): {"get"},
+        ("policy.networking.k8s.io", "adminnetworkpolicies"): READ_VERBS,
+        ("policy.networking.k8s.io", "baselineadminnetworkpolicies"): READ_VERBS,
+        ("", "nodes"): READ_VERBS,      # get: this node's pod ranges; list, watch: `nodes` peers
     }
+
+
+def test_cluster_role_grants_list_and_watch_on_every_collection_the_program_reads():
+    granted = granted_by(one(main_docs(), "ClusterRole"))
+    for path in (kubeapi.NAMESPACES, kubeapi.PODS, kubeapi.NETWORK_POLICIES,
+                 kubeapi.ADMIN_NETWORK_POLICIES, kubeapi.BASELINE_ADMIN_NETWORK_POLICIES,
+                 kubeapi.NODES):
+        parts = path.strip("/").split("/")         # api/v1/R or apis/GROUP/VERSION/R
+        group = "" if parts[0] == "api" else parts[1]
+        assert {"list", "watch"} <= granted.get((group, parts[-1]), set()), path
 
 
 def test_no_manifest_grants_a_wildcard_or_secrets():

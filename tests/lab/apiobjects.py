@@ -2,14 +2,19 @@
 
 The reconciler must see what it would see in a real cluster: running pods with
 their addresses (IPv4 first), host-network pods with their node's addresses,
-Namespaces with their labels, the NetworkPolicies exactly as written.
+Namespaces with their labels, Nodes with their labels and addresses, the
+policies of every kind exactly as written.
 """
 from __future__ import annotations
 
 import copy
 import uuid
 
-from .case import Case, Namespace, Node, Pod, State
+from lib.model import Cluster
+from lib.objects import parse_cluster
+
+from .case import (ADMIN_NETWORK_POLICY, BASELINE_ADMIN_NETWORK_POLICY, NETWORK_POLICY, Case,
+                   Namespace, Node, Pod, State)
 
 _UID_ROOT = uuid.UUID("6b706d2d-6c61-4200-8000-000000000000")
 
@@ -50,7 +55,8 @@ def pod_object(case: Case, pod: Pod, node: Node) -> dict:
 
 
 def node_object(node: Node) -> dict:
-    return {"metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+    labels = {"kubernetes.io/hostname": node.name, **dict(node.labels)}
+    return {"metadata": {"name": node.name, "labels": labels},
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr, node.pod_cidr6]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
                                      {"type": "InternalIP", "address": node.ipv6},
@@ -60,9 +66,23 @@ def node_object(node: Node) -> dict:
 def state_objects(case: Case, state: State) -> dict[str, list[dict]]:
     """Keyword arguments for ApiServer.set_state."""
     nodes = {n.name: n for n in case.nodes}
+
+    def policies(kind: str) -> list[dict]:
+        return [copy.deepcopy(p) for p in state.policies if p["kind"] == kind]
+
     return {
         "namespaces": [namespace_object(case, ns) for ns in state.namespaces],
         "pods": [pod_object(case, p, nodes[p.node]) for p in state.pods],
-        "policies": [copy.deepcopy(p) for p in state.policies],
+        "policies": policies(NETWORK_POLICY),
+        "admin_policies": policies(ADMIN_NETWORK_POLICY),
+        "baseline_policies": policies(BASELINE_ADMIN_NETWORK_POLICY),
         "nodes": [node_object(n) for n in case.nodes],
     }
+
+
+def state_cluster(case: Case, state: State) -> Cluster:
+    """The model a reconciler builds from what the lab's API serves in `state`."""
+    objs = state_objects(case, state)
+    return parse_cluster(objs["namespaces"], objs["pods"], objs["policies"],
+                         admin_policies=objs["admin_policies"],
+                         baseline_policies=objs["baseline_policies"], nodes=objs["nodes"])

@@ -14,9 +14,14 @@ Where the format leaves room, the lab reads it like this:
 - a default address is the lowest one from .10 up that no current pod holds
   and no pod of the same batch claims explicitly;
 - a pod that moves to another node (or gets a new address) is re-created;
-- policies and pods must name existing namespaces; NetworkPolicy manifests are
+- policies and pods must name existing namespaces; policy manifests are
   checked for field names and shapes only, their values are the reconciler's
-  to judge.
+  to judge;
+- `policies` holds NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and
+  BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1) manifests,
+  and a step's `policies` replaces the whole set, every kind; the admin
+  kinds are cluster-scoped (no namespace), so deleteNamespaces keeps them;
+- a node's `labels` are its Node object's, beside kubernetes.io/hostname.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ class Node:
     pod_cidr6: str
     ip: str
     ipv6: str
+    labels: tuple[tuple[str, str], ...] = ()   # sorted, as given (kubernetes.io/hostname is added)
 
 
 @dataclass(frozen=True)
@@ -231,23 +237,51 @@ def _scalar_text(v: Any) -> str:
 
 # ---------------------------------------------------------------- policies (structure only)
 
+NETWORK_POLICY = "NetworkPolicy"
+ADMIN_NETWORK_POLICY, BASELINE_ADMIN_NETWORK_POLICY = "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"
+ADMIN_API_VERSION = "policy.networking.k8s.io/v1alpha1"
+# kind -> the apiVersion the lab serves it as
+POLICY_KINDS = {NETWORK_POLICY: "networking.k8s.io/v1", ADMIN_NETWORK_POLICY: ADMIN_API_VERSION,
+                BASELINE_ADMIN_NETWORK_POLICY: ADMIN_API_VERSION}
+
 _META_FIELDS = ("name", "namespace", "labels", "annotations", "uid", "resourceVersion",
                 "generation", "creationTimestamp", "generateName")
 _SELECTOR_FIELDS = ("matchLabels", "matchExpressions")
 _REQUIREMENT_FIELDS = ("key", "operator", "values")
 _PEER_FIELDS = ("podSelector", "namespaceSelector", "ipBlock")
 _PORT_FIELDS = ("protocol", "port", "endPort")
+_ADMIN_SPEC_FIELDS = {ADMIN_NETWORK_POLICY: ("priority", "subject", "ingress", "egress"),
+                      BASELINE_ADMIN_NETWORK_POLICY: ("subject", "ingress", "egress")}
+_SUBJECT_FIELDS = ("namespaces", "pods")
+_NAMESPACED_POD_FIELDS = ("namespaceSelector", "podSelector")
+_ADMIN_PEER_FIELDS = {"from": ("namespaces", "pods"), "to": ("namespaces", "pods", "nodes", "networks")}
+_ADMIN_PORT_FIELDS = {"portNumber": ("protocol", "port"), "namedPort": None,
+                      "portRange": ("protocol", "start", "end")}
+
+
+def policy_label(policy: dict) -> str:
+    """How messages name a policy manifest: ns/name, or `ANP name` / `BANP name`."""
+    meta = policy["metadata"]
+    if policy["kind"] == NETWORK_POLICY:
+        return f"{meta['namespace']}/{meta['name']}"
+    return f"{'ANP' if policy['kind'] == ADMIN_NETWORK_POLICY else 'BANP'} {meta['name']}"
 
 
 def _check_policy(c: _Checker, policy: Any, where: str) -> dict:
-    """Field names and shapes of a NetworkPolicy manifest. Values are left to the
-    reconciler: invalid values are what it must handle, unknown fields are typos."""
+    """Field names and shapes of a policy manifest of a kind the lab serves.
+    Values are left to the reconciler: invalid values are what it must handle,
+    unknown fields are typos."""
     c.mapping(policy, where, ("apiVersion", "kind", "metadata", "spec"),
               ("apiVersion", "kind", "metadata"))
-    if policy["apiVersion"] != "networking.k8s.io/v1":
-        raise c.fail(f"{where}.apiVersion", f"must be networking.k8s.io/v1, got {policy['apiVersion']!r}")
-    if policy["kind"] != "NetworkPolicy":
-        raise c.fail(f"{where}.kind", f"must be NetworkPolicy, got {policy['kind']!r}")
+    kind, api_version = policy["kind"], policy["apiVersion"]
+    if kind not in POLICY_KINDS:
+        raise c.fail(f"{where}.kind", f"the lab does not serve {kind!r}; it serves "
+                     + ", ".join(f"{k} ({v})" for k, v in POLICY_KINDS.items()))
+    if api_version != POLICY_KINDS[kind]:
+        raise c.fail(f"{where}.apiVersion", f"{kind} must be {POLICY_KINDS[kind]} (the version "
+                     f"the lab serves), got {api_version!r}")
+    if kind != NETWORK_POLICY:
+        return _check_admin_policy(c, policy, where, kind)
     meta = c.mapping(policy["metadata"], f"{where}.metadata", _META_FIELDS, ("name", "namespace"))
     c.string(meta["name"], f"{where}.metadata.name", _DNS_SUBDOMAIN)
     c.string(meta["namespace"], f"{where}.metadata.namespace", _DNS_LABEL)
@@ -276,6 +310,48 @@ def _check_policy(c: _Checker, policy: Any, where: str) -> dict:
     return policy
 
 
+def _check_admin_policy(c: _Checker, policy: dict, where: str, kind: str) -> dict:
+    meta = c.mapping(policy["metadata"], f"{where}.metadata", _META_FIELDS, ("name",))
+    if "namespace" in meta:
+        raise c.fail(f"{where}.metadata.namespace", f"a {kind} is cluster-scoped: it has no namespace")
+    c.string(meta["name"], f"{where}.metadata.name", _DNS_SUBDOMAIN)
+    c.labels(meta.get("labels"), f"{where}.metadata.labels")
+    spec = policy.get("spec") or {}
+    c.mapping(spec, f"{where}.spec", _ADMIN_SPEC_FIELDS[kind])
+    if spec.get("subject") is not None:
+        c.mapping(spec["subject"], f"{where}.spec.subject", _SUBJECT_FIELDS)
+        _check_admin_selectors(c, spec["subject"], f"{where}.spec.subject")
+    for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+        for i, rule in enumerate(c.seq(spec.get(direction), f"{where}.spec.{direction}")):
+            rw = f"{where}.spec.{direction}[{i}]"
+            c.mapping(rule if rule is not None else {}, rw, ("name", "action", peers_key, "ports"))
+            rule = rule or {}
+            for j, peer in enumerate(c.seq(rule.get(peers_key), f"{rw}.{peers_key}")):
+                pw = f"{rw}.{peers_key}[{j}]"
+                c.mapping(peer, pw, _ADMIN_PEER_FIELDS[peers_key])
+                _check_admin_selectors(c, peer, pw)
+                c.seq(peer.get("networks"), f"{pw}.networks")
+            for j, port in enumerate(c.seq(rule.get("ports"), f"{rw}.ports")):
+                pw = f"{rw}.ports[{j}]"
+                port = c.mapping(port if port is not None else {}, pw, tuple(_ADMIN_PORT_FIELDS))
+                for key, fields in _ADMIN_PORT_FIELDS.items():
+                    if fields and port.get(key) is not None:
+                        c.mapping(port[key], f"{pw}.{key}", fields)
+    return policy
+
+
+def _check_admin_selectors(c: _Checker, holder: dict, where: str) -> None:
+    """The label selectors of an admin subject or peer."""
+    for key in ("namespaces", "nodes"):
+        if key in holder:
+            _check_selector(c, holder[key], f"{where}.{key}")
+    if holder.get("pods") is not None:
+        pods = c.mapping(holder["pods"], f"{where}.pods", _NAMESPACED_POD_FIELDS)
+        for key in _NAMESPACED_POD_FIELDS:
+            if key in pods:
+                _check_selector(c, pods[key], f"{where}.pods.{key}")
+
+
 def _check_selector(c: _Checker, sel: Any, where: str) -> None:
     if sel is None:
         return
@@ -288,7 +364,7 @@ def _check_selector(c: _Checker, sel: Any, where: str) -> None:
 
 # ---------------------------------------------------------------- cluster pieces
 
-_NODE_FIELDS = ("name", "podCIDR", "podCIDRv6", "ip", "ipv6")
+_NODE_FIELDS = ("name", "podCIDR", "podCIDRv6", "ip", "ipv6", "labels")
 _NS_FIELDS = ("name", "labels")
 _POD_FIELDS = ("namespace", "name", "labels", "node", "ip", "ipv6", "hostNetwork", "ports")
 _PORT_DECL_FIELDS = ("name", "containerPort", "protocol")
@@ -313,7 +389,8 @@ def _nodes(c: _Checker, raw: Any) -> tuple[Node, ...]:
         cidr6 = c.network(entry.get("podCIDRv6", f"fd00:10:244:{i}::/64"), f"{where}.podCIDRv6", 6)
         ip = c.address(entry.get("ip", f"172.18.0.{i}"), f"{where}.ip", 4)
         ipv6 = c.address(entry.get("ipv6", f"fd00:172:18::{i}"), f"{where}.ipv6", 6)
-        nodes.append(Node(name, i, str(cidr), str(cidr6), ip, ipv6))
+        labels = c.labels(entry.get("labels"), f"{where}.labels")
+        nodes.append(Node(name, i, str(cidr), str(cidr6), ip, ipv6, tuple(sorted(labels.items()))))
     _distinct(c, "cluster.nodes", [(n.name, "ip", n.ip) for n in nodes] +
               [(n.name, "ipv6", n.ipv6) for n in nodes])
     for a in nodes:
@@ -563,13 +640,13 @@ def _check_state(c: _Checker, where: str, namespaces: dict[str, Namespace], pods
     for p in pods:
         if p.namespace not in namespaces:
             raise c.fail(where, f"pod {p.key}: namespace {p.namespace!r} does not exist")
-    for i, pol in enumerate(policies):
-        ns = pol["metadata"]["namespace"]
-        if ns not in namespaces:
-            raise c.fail(where, f"policy {ns}/{pol['metadata']['name']}: namespace {ns!r} does not exist")
-    keys = [(pol["metadata"]["namespace"], pol["metadata"]["name"]) for pol in policies]
+    for pol in policies:
+        ns = pol["metadata"].get("namespace")
+        if ns is not None and ns not in namespaces:
+            raise c.fail(where, f"policy {policy_label(pol)}: namespace {ns!r} does not exist")
+    keys = [(pol["kind"], pol["metadata"].get("namespace"), pol["metadata"]["name"]) for pol in policies]
     if len(set(keys)) != len(keys):
-        raise c.fail(where, "two policies share a namespace and name")
+        raise c.fail(where, "two policies share a kind, namespace and name")
     items = [(f"node {n.name}", "ip", n.ip) for n in nodes] + [(f"node {n.name}", "ipv6", n.ipv6) for n in nodes]
     items += [(f"external {e.name}", "ip", e.ip) for e in externals]
     items += [(f"external {e.name}", "ipv6", e.ipv6) for e in externals if e.ipv6]
@@ -626,7 +703,7 @@ def parse_case(data: Any, path: str) -> Case:
             del namespaces[ns_name]
             for key in [k for k, p in pods.pods.items() if p.namespace == ns_name]:
                 pods.delete(key)
-            policies = tuple(p for p in policies if p["metadata"]["namespace"] != ns_name)
+            policies = tuple(p for p in policies if p["metadata"].get("namespace") != ns_name)
         for i, entry in enumerate(c.seq(step.get("namespaces"), f"{pre}namespaces")):
             ns = _namespace_entry(c, entry, f"{pre}namespaces[{i}]")
             namespaces[ns.name] = ns

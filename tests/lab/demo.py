@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from .case import load_case
+from .case import load_case, policy_label
 from .cluster import LAB_PREFIX, new_run_token, remove_leftovers, remove_run
 from .lab import CellResult, Lab
 from .matrix import render_matrices
@@ -60,10 +60,10 @@ def demo(case_path: Optional[str] = None, emit: Callable[[str], None] = print) -
             lab.set_state(replace(state, policies=()))
             errors += lab.reconcile()
             before = lab.check(state.expect)
-            emit("Without any NetworkPolicy ('.' connects, 'X' refused; rows are sources):")
+            emit("Without any policy ('.' connects, 'X' refused; rows are sources):")
             for line in render_matrices(state.expect, before, colour=colour, compare=False):
                 emit(line)
-            names = ", ".join(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in state.policies)
+            names = ", ".join(policy_label(p) for p in state.policies)
             emit(f"Applying {len(state.policies)} policies ({names}) and running the reconciler on every node...")
             lab.set_state(state)
             errors += lab.reconcile()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from lib import objects
 from lib import plan as planner
 from lib.compile import CompileOptions, compile_node
-from lib.cycle import only_families
+from lib.cycle import only_families, parse_fetched
 from lib.kernel import Kernel
 from lib.kubeapi import ApiClient, load_config
 from lib.plan import Plan
@@ -47,7 +47,7 @@ def options_for(lab: Lab, node: str, **kwargs) -> CompileOptions:
 def enforce(lab: Lab, node: str, options: CompileOptions = CompileOptions()) -> Plan:
     """One cycle on `node`; returns the plan it applied (empty when in sync)."""
     fetched, _ = fetch(lab, node)
-    cluster = objects.parse_cluster(fetched.namespaces, fetched.pods, fetched.policies)
+    cluster = parse_fetched(fetched)
     kernel = node_kernel(lab, node)
     desired = only_families(compile_node(cluster, node, options=options), kernel.families)
     the_plan = planner.diff(desired, kernel.read())
@@ -59,7 +59,7 @@ def enforce(lab: Lab, node: str, options: CompileOptions = CompileOptions()) -> 
 def in_sync(lab: Lab, node: str, options: CompileOptions = CompileOptions()) -> bool:
     """Whether a cycle now would write nothing (the kernel reads back as written)."""
     fetched, _ = fetch(lab, node)
-    cluster = objects.parse_cluster(fetched.namespaces, fetched.pods, fetched.policies)
+    cluster = parse_fetched(fetched)
     kernel = node_kernel(lab, node)
     desired = only_families(compile_node(cluster, node, options=options), kernel.families)
     return planner.diff(desired, kernel.read()).empty

@@ -108,7 +108,7 @@ class Lab:
         except OSError:
             sock.close()
             raise
-        self.api = ApiServer(sock=sock).start()
+        self.api = ApiServer(sock=sock, admin_api=True).start()   # a cluster with the admin CRDs
         self.reconcilers = Reconcilers({n.name: self.network.node_ns(n.name) for n in self.case.nodes},
                                        self.api.url, script=self.script)
 

@@ -24,8 +24,7 @@ import yaml
 
 from lib.explain import EndpointError, Explanation, explain, render
 from lib.model import Cluster
-from lib.objects import parse_cluster
-from tests.lab.apiobjects import state_objects
+from tests.lab.apiobjects import state_cluster
 from tests.lab.case import IPV4, IPV6, SCTP, Case, State, load_case, parse_case
 from tests.lab.lab import Cell, Lab
 from tests.lab.suites import CASES, case_params
@@ -64,8 +63,7 @@ def node_addresses(case: Case) -> dict[str, tuple[str, ...]]:
 
 def cluster_of(case: Case, state: State) -> Cluster:
     """The model the reconciler builds from what the lab's API serves in `state`."""
-    objs = state_objects(case, state)
-    return parse_cluster(objs["namespaces"], objs["pods"], objs["policies"])
+    return state_cluster(case, state)
 
 
 def address_of(case: Case, state: State, name: str, family: str) -> Optional[str]:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from tests.lab import netns
-from tests.lab.case import CaseError, endpoint_kind, load_case, parse_case
+from tests.lab.apiobjects import state_cluster, state_objects
+from tests.lab.case import CaseError, endpoint_kind, load_case, parse_case, policy_label
 from tests.lab.cluster import LAB_PREFIX, OWNER_DIR, remove_leftovers
 from tests.lab.lab import Cell, Lab, table_cells
 from tests.lab.runner import CaseReport, Options, StepReport, run, run_case
@@ -73,6 +74,15 @@ def write(tmp_path: Path, text: str, name: str = "case.yaml") -> Path:
     return path
 
 
+def admin_manifest(kind="AdminNetworkPolicy", name="a", priority=1, **spec) -> dict:
+    """An admin policy manifest as a case holds it."""
+    body = {"subject": {"namespaces": {}}, **spec}
+    if priority is not None:
+        body["priority"] = priority
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name}, "spec": body}
+
+
 def case_of(text: str, path: str = "inline.yaml"):
     return parse_case(yaml.safe_load(textwrap.dedent(text)), path)
 
@@ -110,6 +120,23 @@ expect:
                                    "metadata": {"name": "p", "namespace": "x"},
                                    "spec": {"podSelector": {"matchLabel": {"a": "b"}}}}]),
      "policies[0].spec.podSelector.matchLabel"),
+    (lambda d: d.update(policies=[admin_manifest(egress=[
+        {"action": "Allow", "to": [{"domainNames": ["example.com"]}]}])]),
+     "policies[0].spec.egress[0].to[0].domainNames"),
+    (lambda d: d.update(policies=[admin_manifest(ingress=[
+        {"action": "Deny", "from": [{"nodes": {}}]}])]),
+     "policies[0].spec.ingress[0].from[0].nodes"),
+    (lambda d: d.update(policies=[admin_manifest(egress=[
+        {"action": "Deny", "to": [{"pods": {"namespaceSelector": {}, "podSelectors": {}}}]}])]),
+     "policies[0].spec.egress[0].to[0].pods.podSelectors"),
+    (lambda d: d.update(policies=[admin_manifest(ingress=[
+        {"action": "Deny", "from": [{"namespaces": {}}], "ports": [{"portRange": {"begin": 1}}]}])]),
+     "policies[0].spec.ingress[0].ports[0].portRange.begin"),
+    (lambda d: d.update(policies=[admin_manifest(tier="Admin")]), "policies[0].spec.tier"),
+    (lambda d: d.update(policies=[admin_manifest(kind="BaselineAdminNetworkPolicy", name="default")]),
+     "policies[0].spec.priority"),
+    (lambda d: d["cluster"].update(nodes=[{"name": "node-1", "label": {"zone": "a"}}]),
+     "cluster.nodes[0].label"),
 ])
 def test_an_unknown_field_is_an_error_naming_it_and_the_file(tmp_path, edit, field):
     data = yaml.safe_load(SMALL)
@@ -121,6 +148,122 @@ def test_an_unknown_field_is_an_error_naming_it_and_the_file(tmp_path, edit, fie
     message = str(err.value)
     assert str(path) in message
     assert f"{field}: unknown field" in message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(kind="ClusterNetworkPolicy"),
+     "policies[0].kind: the lab does not serve 'ClusterNetworkPolicy'; it serves NetworkPolicy "
+     "(networking.k8s.io/v1), AdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), "
+     "BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
+    (lambda p: p.update(apiVersion="policy.networking.k8s.io/v1alpha2"),
+     "policies[0].apiVersion: AdminNetworkPolicy must be policy.networking.k8s.io/v1alpha1 (the "
+     "version the lab serves), got 'policy.networking.k8s.io/v1alpha2'"),
+    (lambda p: p["metadata"].update(namespace="x"),
+     "policies[0].metadata.namespace: a AdminNetworkPolicy is cluster-scoped: it has no namespace"),
+])
+def test_a_policy_kind_or_version_the_lab_does_not_serve_is_an_error_naming_it(edit, message):
+    data = yaml.safe_load(SMALL)
+    policy = admin_manifest()
+    edit(policy)
+    data["policies"] = [policy]
+    with pytest.raises(CaseError) as err:
+        parse_case(data, "t.yaml")
+    assert str(err.value) == f"t.yaml: {message}"
+
+
+ADMIN_CASE = """
+name: admin
+cluster:
+  nodes:
+    - {name: node-1, labels: {zone: a}}
+    - {name: node-2, labels: {kubernetes.io/hostname: other, tier: edge}}
+  namespaces: [{name: x}, {name: y}]
+  pods:
+    - {namespace: x, name: a, ports: [{containerPort: 80}]}
+    - {namespace: y, name: b, ports: [{containerPort: 80}]}
+policies:
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: deny, namespace: y}
+    spec: {podSelector: {}}
+  - apiVersion: policy.networking.k8s.io/v1alpha1
+    kind: AdminNetworkPolicy
+    metadata: {name: deny}
+    spec:
+      priority: 1
+      subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}
+      egress:
+        - name: zone-a
+          action: Deny
+          to: [{nodes: {matchLabels: {zone: a}}}, {networks: [192.0.2.0/24]}]
+          ports: [{portNumber: {port: 80}}, {portRange: {start: 1, end: 9}}]
+        - action: Allow
+          to: [{namespaces: {}}]
+          ports: [{namedPort: http}]
+steps:
+  - expect: [{port: 80, all: deny}]
+  - deleteNamespaces: [y]
+    expect: [{port: 80, all: deny}]
+  - policies:
+      - apiVersion: policy.networking.k8s.io/v1alpha1
+        kind: BaselineAdminNetworkPolicy
+        metadata: {name: default}
+        spec:
+          subject: {namespaces: {}}
+          ingress: [{action: Deny, from: [{namespaces: {}}]}]
+    expect: [{port: 80, all: deny}]
+"""
+
+
+def test_admin_policies_and_node_labels_in_the_case_format_and_what_the_api_serves():
+    case = case_of(ADMIN_CASE)
+    first, deleted, replaced = case.states
+    assert [(p["kind"], p["metadata"]["name"]) for p in first.policies] == [
+        ("NetworkPolicy", "deny"), ("AdminNetworkPolicy", "deny")]
+    # deleting a namespace removes its NetworkPolicies, never a cluster-scoped policy
+    assert [policy_label(p) for p in deleted.policies] == ["ANP deny"]
+    # a step's policies replace the whole set, every kind
+    assert [policy_label(p) for p in replaced.policies] == ["BANP default"]
+
+    served = state_objects(case, first)
+    assert [p["metadata"]["name"] for p in served["policies"]] == ["deny"]
+    assert served["admin_policies"] == [first.policies[1]]
+    assert served["baseline_policies"] == []
+    assert [p["metadata"]["name"] for p in state_objects(case, replaced)["baseline_policies"]] == [
+        "default"]
+    node_1, node_2 = served["nodes"]
+    assert node_1["metadata"]["labels"] == {"kubernetes.io/hostname": "node-1", "zone": "a"}
+    assert node_2["metadata"]["labels"] == {"kubernetes.io/hostname": "other", "tier": "edge"}
+    assert [(a["type"], a["address"]) for a in node_1["status"]["addresses"]
+            if a["type"] == "InternalIP"] == [("InternalIP", "172.18.0.1"), ("InternalIP", "fd00:172:18::1")]
+
+    cluster = state_cluster(case, first)
+    assert cluster.problems == ()
+    assert [p.key for p in cluster.admin_policies] == ["ANP deny"]
+    assert [(n.name, n.ips) for n in cluster.nodes] == [
+        ("node-1", ("172.18.0.1", "fd00:172:18::1")), ("node-2", ("172.18.0.2", "fd00:172:18::2"))]
+
+
+def test_two_policies_of_one_kind_and_name_are_an_error_and_of_two_kinds_are_not():
+    data = yaml.safe_load(SMALL)
+    data["policies"] = [admin_manifest(), admin_manifest(kind="BaselineAdminNetworkPolicy",
+                                                          name="a", priority=None)]
+    assert len(parse_case(data, "t.yaml").states[0].policies) == 2
+    data["policies"] = [admin_manifest(), admin_manifest()]
+    with pytest.raises(CaseError, match="two policies share a kind, namespace and name"):
+        parse_case(data, "t.yaml")
+
+
+def test_the_admin_examples_load_and_parse_without_a_problem():
+    files = sorted((REPO / "tests" / "lab" / "admin-examples").glob("*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        case = load_case(f)
+        kinds = {p["kind"] for state in case.states for p in state.policies}
+        assert "AdminNetworkPolicy" in kinds, f
+        for state in case.states:
+            cluster = state_cluster(case, state)
+            assert cluster.problems == (), (f, [str(p) for p in cluster.problems])
 
 
 def test_a_step_field_the_lab_does_not_know_is_an_error(tmp_path):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from bench import synth
 from lib import api_fields, cycle, node_addresses, objects
 from lib.kubeapi import ClusterObjects
+from lib.model import ADMIN, BASELINE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "objects"
 
@@ -25,6 +26,9 @@ PODS = _items("pods") + [synth.pod_object("app-0001", "svc-1-0000", 3, ("10.3.0.
                                           {"app": "svc-1"}, [("http", 8080, "TCP")])]
 NAMESPACES = _items("namespaces")
 POLICIES = _items("policies")
+ADMIN_POLICIES = _items("adminnetworkpolicies")
+BASELINE_POLICIES = _items("baselineadminnetworkpolicies")
+NODES = _items("nodes")
 
 # Places where a malformed value changes what parsing makes of an object.
 POD_PATHS = [
@@ -48,12 +52,27 @@ POLICY_PATHS = META_PATHS + [
     ("spec",), ("spec", "podSelector"), ("spec", "ingress"), ("spec", "ingress", 0),
     ("spec", "ingress", 0, "from"), ("spec", "policyTypes"), ("spec", "egress"), ("spec", "future"),
 ]
+ADMIN_PATHS = META_PATHS + [
+    ("metadata", "uid"), ("metadata", "resourceVersion"), ("spec",), ("spec", "priority"),
+    ("spec", "subject"), ("spec", "subject", "namespaces"), ("spec", "ingress"),
+    ("spec", "ingress", 0), ("spec", "ingress", 0, "action"), ("spec", "ingress", 0, "from", 0),
+    ("spec", "egress", 0, "to", 0), ("spec", "egress", 0, "ports", 0),
+    ("spec", "egress", 1, "to", 0, "nodes"), ("spec", "future"), ("status",),
+]
+NODE_PATHS = META_PATHS + [
+    ("metadata", "uid"), ("metadata", "resourceVersion"), ("spec",), ("spec", "podCIDRs"),
+    ("status",), ("status", "addresses"), ("status", "addresses", 0),
+    ("status", "addresses", 0, "address"), ("status", "addresses", 0, "type"),
+    ("status", "addresses", 2, "type"), ("status", "conditions"), ("status", "nodeInfo"),
+]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-70000, 70000) | st.text(max_size=12)
-    | st.sampled_from(["", "10.0.0.9", "fd00::9", "Running", "Succeeded", "TCP", "true", "x"]),
+    | st.sampled_from(["", "10.0.0.9", "fd00::9", "Running", "Succeeded", "TCP", "true", "x",
+                       "InternalIP", "Deny", "10.0.0.0/8"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["ip", "name", "ports", "containerPort", "protocol", "app", "x"]),
+        st.sampled_from(["ip", "name", "ports", "containerPort", "protocol", "app", "x",
+                         "type", "address", "namespaces", "action"]),
         inner, max_size=3),
     max_leaves=8)
 
@@ -79,7 +98,13 @@ def _set(obj, path: tuple, value):
     return obj
 
 
+ADMIN_PARSERS = {ADMIN: objects.parse_admin_policy, BASELINE: objects.parse_baseline_policy,
+                 "Node": objects.parse_node}
+
+
 def _meaning(kind: str, obj) -> tuple:
+    if kind in ADMIN_PARSERS:      # parsed, and the object's part of a cycle's fingerprint
+        return ADMIN_PARSERS[kind](obj), objects.ParseMemo.key(kind, obj)
     if kind == "Pod":
         return (objects.parse_pod(obj), node_addresses.from_pods([obj]),
                 cycle.fingerprint(ClusterObjects([], [obj], [], 0, 0)))
@@ -94,14 +119,16 @@ def _assert_same(kind: str, obj) -> None:
 
 
 def test_every_fixture_means_the_same_trimmed():
-    for kind, items in (("Pod", PODS), ("Namespace", NAMESPACES), ("NetworkPolicy", POLICIES)):
+    for kind, items in (("Pod", PODS), ("Namespace", NAMESPACES), ("NetworkPolicy", POLICIES),
+                        (ADMIN, ADMIN_POLICIES), (BASELINE, BASELINE_POLICIES), ("Node", NODES)):
         for obj in items:
             _assert_same(kind, obj)
 
 
 @pytest.mark.parametrize("kind, samples, paths", [
     ("Pod", PODS, POD_PATHS), ("Namespace", NAMESPACES, META_PATHS),
-    ("NetworkPolicy", POLICIES, POLICY_PATHS)])
+    ("NetworkPolicy", POLICIES, POLICY_PATHS), (ADMIN, ADMIN_POLICIES, ADMIN_PATHS),
+    (BASELINE, BASELINE_POLICIES, ADMIN_PATHS), ("Node", NODES, NODE_PATHS)])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_malformed_object_means_the_same_trimmed(kind, samples, paths, data):
@@ -127,3 +154,20 @@ def test_the_last_applied_annotation_is_dropped_and_ours_kept():
     trimmed = api_fields.trimmed("NetworkPolicy", policy)
     assert trimmed["metadata"]["annotations"] == {objects.LOG_DROPS_ANNOTATION: "true"}
     assert objects.parse_policy(trimmed)[0].log_drops
+
+
+def test_a_node_keeps_its_labels_and_addresses_only():
+    node = NODES[0]
+    trimmed = api_fields.trimmed("Node", node)
+    assert trimmed == {"metadata": {k: node["metadata"][k]
+                                    for k in ("name", "uid", "resourceVersion", "labels")},
+                       "status": {"addresses": node["status"]["addresses"]}}
+    assert len(json.dumps(trimmed)) < len(json.dumps(node)) / 3
+
+
+def test_an_admin_policy_keeps_its_spec_and_our_annotation_only():
+    policy = ADMIN_POLICIES[0]
+    trimmed = api_fields.trimmed(ADMIN, policy)
+    assert trimmed["spec"] == policy["spec"] and "status" not in trimmed
+    assert trimmed["metadata"]["annotations"] == {objects.LOG_DROPS_ANNOTATION: "true"}
+    assert objects.parse_admin_policy(trimmed)[0].log_drops

@@ -124,6 +124,34 @@ def test_fingerprint_tells_the_kinds_apart():
         fingerprint(_fetched(policies=[_obj("a", "1")]))
 
 
+def _admin(name: str, version: str) -> dict:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": version},
+            "spec": {"priority": 1, "subject": {"namespaces": {}}}}
+
+
+def _node(version: str, zone: str = "a") -> dict:
+    return {"metadata": {"name": "n1", "uid": "uid-n1", "resourceVersion": version,
+                         "labels": {"zone": zone}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.1"}],
+                       "conditions": [{"type": "Ready", "lastHeartbeatTime": version}]}}
+
+
+def _with_admin(admin=(), baseline=(), nodes=()) -> ClusterObjects:
+    return ClusterObjects([], [], [], 0, 0, admin_policies=list(admin),
+                          baseline_policies=list(baseline), nodes=list(nodes),
+                          admin_api=frozenset({"adminnetworkpolicies"}))
+
+
+def test_fingerprint_covers_the_admin_kinds_and_nodes_by_what_they_mean():
+    base = _with_admin([_admin("a", "1")], nodes=[_node("5")])
+    assert fingerprint(base) == fingerprint(_with_admin([_admin("a", "1")], nodes=[_node("5")]))
+    assert fingerprint(base) != fingerprint(_with_admin([_admin("a", "2")], nodes=[_node("5")]))
+    assert fingerprint(base) != fingerprint(_with_admin(baseline=[_admin("a", "1")], nodes=[_node("5")]))
+    assert fingerprint(base) != fingerprint(_with_admin([_admin("a", "1")], nodes=[_node("5", "b")]))
+    # a kubelet heartbeat: a new resourceVersion, the same labels and addresses
+    assert fingerprint(base) == fingerprint(_with_admin([_admin("a", "1")], nodes=[_node("6")]))
+
+
 def test_no_fingerprint_without_a_resource_version():
     assert fingerprint(_fetched([_obj("a", "1"), _obj("b", None)])) is None
     assert fingerprint(_fetched([_obj("a", "")])) is None
@@ -196,6 +224,21 @@ def test_after_a_change_only_the_changed_object_is_parsed_again():
     assert last.memo.hits == 3
     fresh = _cycles(_api("7", client_ip="10.0.2.99"))[0]
     assert changed.cluster == fresh.cluster and changed.desired == fresh.desired
+
+
+def test_the_cycle_parses_the_admin_kinds_it_fetched():
+    api = _api("7")
+    fetched = ClusterObjects(api.namespaces, api.pods, api.policies, 1, 0,
+                             admin_policies=[_admin("b", "1"), _admin("a", "1")],
+                             baseline_policies=[{**_admin("default", "2"), "spec": {
+                                 "subject": {"namespaces": {}}}}],
+                             nodes=[_node("5")], admin_api=frozenset({"adminnetworkpolicies"}))
+    report, = _cycles(fetched)
+    assert report.ok
+    assert [p.name for p in report.cluster.admin_policies] == ["a", "b"]
+    assert report.cluster.baseline.name == "default"
+    assert [(n.name, n.ips) for n in report.cluster.nodes] == [("n1", ("172.18.0.1",))]
+    assert [p.field for p in report.cluster.problems] == ["spec.priority", "spec.priority"]
 
 
 def test_objects_without_a_resource_version_are_parsed_every_cycle():

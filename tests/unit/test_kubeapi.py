@@ -17,7 +17,8 @@ import pytest
 import requests
 import yaml
 
-from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiError, ClusterObjects,
+from lib.kubeapi import (ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, NAMESPACES,
+                         NETWORK_POLICIES, NODES, PODS, ApiClient, ApiError, ClusterObjects,
                          load_config)
 from tests.apiserver import ApiServer, issue_cert, make_ca
 
@@ -38,6 +39,25 @@ def pod(namespace, name):
 def policy(namespace, name):
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"namespace": namespace, "name": name}, "spec": {"podSelector": {}}}
+
+
+def admin_policy(name, priority=10):
+    return {"metadata": {"name": name},
+            "spec": {"priority": priority, "subject": {"namespaces": {}},
+                     "egress": [{"action": "Deny", "to": [{"nodes": {}}]}]}}
+
+
+def baseline_policy(name="default"):
+    return {"metadata": {"name": name},
+            "spec": {"subject": {"namespaces": {}}, "ingress": [{"action": "Deny",
+                                                                 "from": [{"namespaces": {}}]}]}}
+
+
+def node(name, ip):
+    return {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}}
 
 
 def names(items):
@@ -130,13 +150,105 @@ def test_list_cluster_reads_the_three_lists_and_counts_the_load(serve):
     assert names(objects.namespaces) == ["x", "y"]
     assert names(objects.pods) == ["p0", "p1", "p2"]
     assert names(objects.policies) == ["deny"]
-    assert [r.path for r in api.requests] == [NAMESPACES, PODS, PODS, NETWORK_POLICIES]
-    assert objects.requests == 4
+    # the admin kinds are asked for, and not served here
+    assert [(r.path, r.status) for r in api.requests] == [
+        (NAMESPACES, 200), (PODS, 200), (PODS, 200), (NETWORK_POLICIES, 200),
+        (ADMIN_NETWORK_POLICIES, 404), (BASELINE_ADMIN_NETWORK_POLICIES, 404)]
+    assert objects.requests == 6
     assert objects.bytes == sum(r.response_bytes for r in api.requests) > 0
 
     again = client.list_cluster()
-    assert again.requests == 4 and again.bytes == objects.bytes
-    assert client.request_count == 8
+    assert again.requests == 6 and again.bytes == objects.bytes
+    assert client.request_count == 12
+
+
+# -- the admin policy kinds: served or not -------------------------------------------
+
+def admin_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "admin-api"]
+
+
+def test_without_the_admin_api_network_policy_alone_is_read_and_that_is_said_once(serve, caplog):
+    api = serve(namespaces=[ns("x")], policies=[policy("x", "deny")],
+                admin_policies=[admin_policy("a")], nodes=[node("node-1", "172.18.0.1")])
+    client = ApiClient(load_config(api_server=api.url))
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        first, second = client.list_cluster(), client.list_cluster()
+    for objects in (first, second):
+        assert not objects.admin_served and objects.admin_api == frozenset()
+        assert (objects.admin_policies, objects.baseline_policies, objects.nodes) == ([], [], [])
+        assert names(objects.policies) == ["deny"]
+    assert NODES not in {r.path for r in api.requests}          # no nodes peer to serve
+    assert admin_log(caplog) == [
+        "policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and baselineadminnetworkpolicies "
+        "not served: enforcing NetworkPolicy alone"]
+    assert all(r.levelno == logging.INFO for r in caplog.records
+               if getattr(r, "event", "") == "admin-api")
+
+
+def test_the_admin_api_served_later_is_read_and_dropped_when_removed(serve, caplog):
+    api = serve(namespaces=[ns("x")], admin_policies=[admin_policy("b", 20), admin_policy("a")],
+                baseline_policies=[baseline_policy()],
+                nodes=[node("node-2", "172.18.0.2"), node("node-1", "172.18.0.1")])
+    client = ApiClient(load_config(api_server=api.url), page_size=1)
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        before = client.list_cluster()
+        api.set_admin_api(True)
+        api.clear_requests()
+        served = client.list_cluster()
+        served_paths = [(r.path, r.page) for r in api.requests]
+        api.set_admin_api(False)
+        removed = client.list_cluster()
+    assert not before.admin_served
+    assert served.admin_api == {"adminnetworkpolicies", "baselineadminnetworkpolicies"}
+    assert names(served.admin_policies) == ["a", "b"] and names(served.baseline_policies) == ["default"]
+    assert names(served.nodes) == ["node-1", "node-2"]
+    # trimmed as they arrive: no spec, no conditions
+    assert set(served.nodes[0]) == {"metadata", "status"}
+    assert served.nodes[0]["status"] == {"addresses": [{"type": "InternalIP", "address": "172.18.0.1"}]}
+    # paginated like every list (one object a page), the Nodes last
+    assert served_paths == [(NAMESPACES, 1), (PODS, 1), (NETWORK_POLICIES, 1),
+                            (ADMIN_NETWORK_POLICIES, 1), (ADMIN_NETWORK_POLICIES, 2),
+                            (BASELINE_ADMIN_NETWORK_POLICIES, 1), (NODES, 1), (NODES, 2)]
+    assert not removed.admin_served and removed.admin_policies == [] and removed.nodes == []
+    assert admin_log(caplog) == [
+        "policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and baselineadminnetworkpolicies "
+        "not served: enforcing NetworkPolicy alone",
+        "policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and baselineadminnetworkpolicies "
+        "served: enforcing AdminNetworkPolicy, NetworkPolicy and BaselineAdminNetworkPolicy",
+        "policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and baselineadminnetworkpolicies "
+        "not served: enforcing NetworkPolicy alone"]
+
+
+def test_a_cluster_serving_both_admin_kinds_from_the_start_logs_nothing(serve, caplog):
+    api = serve(admin_api=True, admin_policies=[admin_policy("a")])
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        objects = ApiClient(load_config(api_server=api.url)).list_cluster()
+    assert names(objects.admin_policies) == ["a"] and admin_log(caplog) == []
+
+
+def test_one_admin_kind_served_alone(serve, caplog):
+    api = serve(admin_api=["adminnetworkpolicies"], admin_policies=[admin_policy("a")],
+                baseline_policies=[baseline_policy()], nodes=[node("node-1", "172.18.0.1")])
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        objects = ApiClient(load_config(api_server=api.url)).list_cluster()
+    assert objects.admin_api == {"adminnetworkpolicies"} and objects.baseline_policies == []
+    assert names(objects.admin_policies) == ["a"] and names(objects.nodes) == ["node-1"]
+    assert admin_log(caplog) == ["policy.networking.k8s.io/v1alpha1 baselineadminnetworkpolicies "
+                                 "not served: enforcing AdminNetworkPolicy and NetworkPolicy"]
+
+
+@pytest.mark.parametrize("path, status", [
+    (ADMIN_NETWORK_POLICIES, 500), (BASELINE_ADMIN_NETWORK_POLICIES, 403), (NODES, 500)])
+def test_any_other_error_on_the_admin_kinds_or_nodes_fails_the_fetch(serve, path, status):
+    api = serve(admin_api=True, admin_policies=[admin_policy("a")])
+    client = ApiClient(load_config(api_server=api.url))
+    api.fail_next(status, path=path)
+    with pytest.raises(ApiError) as err:
+        client.list_cluster()
+    assert err.value.path == path and err.value.status == status
+    assert str(err.value).startswith(f"GET {path} page 1: HTTP {status}")
+    assert names(client.list_cluster().admin_policies) == ["a"]    # the next cycle reads them
 
 
 def test_plain_http_without_token_sends_no_authorization_like_kubectl_proxy(serve):
@@ -665,6 +777,36 @@ def test_server_shapes_objects_like_the_api_server(serve):
     assert session.get(api.url + "/api/v1/nodes/node-9", timeout=5).status_code == 404
     assert session.get(api.url + PODS, params={"labelSelector": "a=b"}, timeout=5).status_code == 400
     assert session.post(api.url + PODS, timeout=5).status_code == 405
+
+
+def test_server_serves_the_admin_kinds_only_while_switched_on(serve):
+    api = serve(admin_policies=[admin_policy("a")], baseline_policies=[baseline_policy()])
+    client = ApiClient(load_config(api_server=api.url))
+    session = requests.Session()
+    session.trust_env = False
+    off = session.get(api.url + ADMIN_NETWORK_POLICIES + "/a", timeout=5)
+    assert off.status_code == 404 and off.json()["reason"] == "NotFound"
+    assert session.get(api.url + BASELINE_ADMIN_NETWORK_POLICIES, params={"watch": "1"},
+                       timeout=5).status_code == 404
+
+    api.set_admin_api(True)
+    one = session.get(api.url + ADMIN_NETWORK_POLICIES + "/a", timeout=5).json()
+    assert (one["kind"], one["apiVersion"]) == ("AdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1")
+    assert "namespace" not in one["metadata"]
+    items, version = client.list_versioned(BASELINE_ADMIN_NETWORK_POLICIES)
+    assert names(items) == ["default"] and version == api.resource_version
+    with client.watch(ADMIN_NETWORK_POLICIES, version, 30) as stream:
+        api.set_state(admin_policies=[admin_policy("a"), admin_policy("b")])
+        events = iter(stream)
+        added = next(events)
+        assert (added["type"], added["object"]["metadata"]["name"]) == ("ADDED", "b")
+        assert added["object"]["kind"] == "AdminNetworkPolicy"
+        api.set_admin_api(["baselineadminnetworkpolicies"])     # the definition is deleted
+        assert list(events) == []                                # and its watch ends
+    with pytest.raises(ApiError) as err:
+        client.list(ADMIN_NETWORK_POLICIES)
+    assert err.value.status == 404
+    assert names(client.list(BASELINE_ADMIN_NETWORK_POLICIES)) == ["default"]
 
 
 def test_server_listens_on_a_socket_it_is_given():

@@ -1,13 +1,15 @@
 """lib/watch.py (and the watch side of lib/kubeapi.py) against the test API
 server's real watch streams on 127.0.0.1: list then watch, resume, relist on
 410 or garbage, bookmarks, cost of an idle cycle, the change trigger."""
+import logging
 import threading
 import time
 
 import pytest
 
 from lib import objects
-from lib.kubeapi import (NAMESPACES, NETWORK_POLICIES, PODS, ApiClient, ApiError, WatchEventError,
+from lib.kubeapi import (ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, NAMESPACES,
+                         NETWORK_POLICIES, NODES, PODS, ApiClient, ApiError, WatchEventError,
                          load_config)
 from lib.watch import ClusterCache, Trigger, WatchCache
 
@@ -113,7 +115,11 @@ def test_initial_list_then_watch_from_the_lists_resource_version(serve, watched)
         assert watch.params["resourceVersion"] == api.resource_version
         assert watch.params["allowWatchBookmarks"] == "true"
         assert 100 <= int(watch.params["timeoutSeconds"]) <= 150
-    assert (got.requests, got.bytes) == (6, api.bytes_sent)
+    # and each admin kind asked for once: not served here
+    assert [r.status for r in lists(log, ADMIN_NETWORK_POLICIES)] == [404]
+    assert [r.status for r in lists(log, BASELINE_ADMIN_NETWORK_POLICIES)] == [404]
+    assert not lists(log, NODES) and not watches(log, NODES)
+    assert (got.requests, got.bytes) == (8, api.bytes_sent)
 
 
 def test_a_snapshot_equals_a_fresh_list_after_adds_changes_and_deletes(serve, watched):
@@ -239,7 +245,7 @@ def test_idle_cycles_cost_no_requests_and_no_bytes(serve, watched):
     api = serve()
     cache, _ = watched(api)
     first = cache.snapshot()
-    assert first.requests == 6 and first.bytes > 0
+    assert first.requests == 8 and first.bytes > 0
     logged, sent = len(api.requests), api.bytes_sent
     time.sleep(0.3)
     for _ in range(3):
@@ -253,7 +259,7 @@ def test_idle_cycles_cost_no_requests_and_no_bytes(serve, watched):
     assert len(api.requests) == logged
 
     polled = ApiClient(load_config(api_server=api.url)).list_cluster()   # the poll, for contrast
-    assert polled.requests == 3 and polled.bytes > changed.bytes
+    assert polled.requests == 5 and polled.bytes > changed.bytes
 
 
 # -- resuming and relisting ----------------------------------------------------------
@@ -361,7 +367,7 @@ def test_an_idle_stream_ends_normally_and_a_silent_one_is_reconnected(serve, wat
     assert len(errors) == 1 and errors[0].startswith(
         "watch /api/v1/pods: GET /api/v1/pods watch from resourceVersion 1: no data within the "
         "read timeout (1.3 s); resuming in")
-    assert len(lists(api.requests)) == 3
+    assert [len(lists(api.requests, path)) for path in (NAMESPACES, PODS, NETWORK_POLICIES)] == [1] * 3
 
 
 def test_a_cache_out_of_sync_beyond_the_bound_refuses_snapshots(serve, watched):
@@ -394,6 +400,162 @@ def test_stop_ends_the_threads_within_a_second(serve):
     assert time.monotonic() - started < 1.0
     assert not [t for t in threading.enumerate() if t.name.startswith("watch /")]
     eventually(lambda: api.open_watches() == 0)
+
+
+# -- the admin policy kinds: served, not served, appearing, removed -----------------------
+
+def admin_policy(name, priority=10):
+    return {"metadata": {"name": name},
+            "spec": {"priority": priority, "subject": {"namespaces": {}},
+                     "egress": [{"action": "Deny", "to": [{"nodes": {}}]}]}}
+
+
+def node(name, ip, **labels):
+    return {"metadata": {"name": name, "labels": labels},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+ADMIN_PATHS = (ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, NODES)
+NODES_0 = [node("node-1", "172.18.0.1", zone="a")]
+
+
+def admin_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "admin-api"]
+
+
+NOT_SERVED = ("policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and "
+              "baselineadminnetworkpolicies not served: enforcing NetworkPolicy alone")
+SERVED = ("policy.networking.k8s.io/v1alpha1 adminnetworkpolicies and baselineadminnetworkpolicies "
+          "served: enforcing AdminNetworkPolicy, NetworkPolicy and BaselineAdminNetworkPolicy")
+
+
+def test_without_the_admin_api_network_policy_alone_and_one_log_line(serve, watched, caplog):
+    api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        cache, _ = watched(api)
+        snapshots = [cache.snapshot() for _ in range(3)]
+    for got in snapshots:
+        assert not got.admin_served and got.admin_policies == [] and got.nodes == []
+        assert names(got.policies) == ["deny-web"]
+    assert admin_log(caplog) == [NOT_SERVED]
+    assert [len(lists(api.requests, path)) for path in ADMIN_PATHS] == [1, 1, 0]
+    assert not any(watches(api.requests, path) for path in ADMIN_PATHS)
+
+
+def test_the_admin_api_served_later_is_picked_up_and_dropped_when_removed(serve, watched, caplog):
+    api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
+    with caplog.at_level(logging.INFO, logger="kube-policy-manager"):
+        cache, trigger = watched(api, recheck=0.2)
+        assert not cache.snapshot().admin_served
+        trigger.take()
+
+        api.set_admin_api(True)
+        got = eventually(lambda: (lambda s: s if s.admin_served else None)(cache.snapshot()))
+        assert names(got.admin_policies) == ["a"] and got.baseline_policies == []
+        assert names(got.nodes) == ["node-1"] and got.nodes[0]["status"] == NODES_0[0]["status"]
+        assert trigger.pending is not None
+        eventually(lambda: all(api.open_watches(path) == 1 for path in ADMIN_PATHS))
+
+        # watched like the other kinds: a change arrives as an event, no list
+        listed = len(lists(api.requests))
+        api.set_state(admin_policies=[admin_policy("a"), admin_policy("b", 5)],
+                      nodes=NODES_0 + [node("node-2", "172.18.0.2")])
+        eventually(lambda: (names(cache.snapshot().admin_policies), names(cache.snapshot().nodes))
+                   == (["a", "b"], ["node-1", "node-2"]))
+        assert len(lists(api.requests)) == listed
+
+        trigger.take()
+        api.set_admin_api(False)
+        got = eventually(lambda: (lambda s: s if not s.admin_served else None)(cache.snapshot()))
+        assert (got.admin_policies, got.baseline_policies, got.nodes) == ([], [], [])
+        assert trigger.pending is not None
+        # the Nodes are no longer watched, and the admin kinds are asked for again, cheaply
+        eventually(lambda: not any(api.open_watches(path) for path in ADMIN_PATHS))
+        asked = len(lists(api.requests, ADMIN_NETWORK_POLICIES))
+        eventually(lambda: len(lists(api.requests, ADMIN_NETWORK_POLICIES)) > asked)
+        assert lists(api.requests, ADMIN_NETWORK_POLICIES)[-1].status == 404
+    # once at start, then at each change seen (the kinds may go one after the other)
+    logged = admin_log(caplog)
+    assert logged[:2] == [NOT_SERVED, SERVED] and logged[-1] == NOT_SERVED and len(logged) <= 4
+    assert all(a != b for a, b in zip(logged, logged[1:]))
+
+
+def test_one_admin_kind_served_alone_brings_the_nodes(serve, watched):
+    api = serve(admin_api=["baselineadminnetworkpolicies"], nodes=NODES_0,
+                baseline_policies=[{"metadata": {"name": "default"},
+                                    "spec": {"subject": {"namespaces": {}}}}])
+    cache, _ = watched(api, synced=False)
+    assert cache.wait_synced(2)
+    got = cache.snapshot()
+    assert got.admin_api == {"baselineadminnetworkpolicies"}
+    assert names(got.baseline_policies) == ["default"] and names(got.nodes) == ["node-1"]
+
+
+def test_a_500_on_the_admin_list_fails_the_snapshot(serve, watched):
+    api = serve(admin_api=True, admin_policies=[admin_policy("a")])
+    api.fail_next(500, count=1000, path=ADMIN_NETWORK_POLICIES)
+    cache, _ = watched(api, synced=False)
+    assert not cache.wait_synced(0.5)
+    with pytest.raises(ApiError) as err:
+        cache.snapshot()
+    assert str(err.value).startswith(f"{ADMIN_NETWORK_POLICIES}: watch cache not filled yet")
+    assert "HTTP 500" in str(err.value)
+    api.clear_faults()
+    eventually(lambda: names(cache.snapshot().admin_policies) == ["a"], timeout=3)
+
+
+def test_the_admin_kinds_wait_for_the_nodes_and_fail_without_them(serve, watched):
+    """A `nodes` peer must never be read as matching no node: until the Nodes
+    are listed the snapshot holds no admin kind, and when they cannot be
+    listed it fails."""
+    api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
+    cache, _ = watched(api, recheck=0.1)
+    api.hang_next(1.0, path=NODES)
+    api.set_admin_api(True)
+    eventually(lambda: lists(api.requests, ADMIN_NETWORK_POLICIES)[-1].status == 200)
+    waiting = cache.snapshot()
+    assert not waiting.admin_served and waiting.admin_policies == [] and waiting.nodes == []
+    got = eventually(lambda: (lambda s: s if s.admin_served else None)(cache.snapshot()), timeout=3)
+    assert names(got.nodes) == ["node-1"]
+
+    api.set_admin_api(False)
+    eventually(lambda: not cache.snapshot().admin_served)
+    api.fail_next(500, count=1000, path=NODES)
+    api.set_admin_api(True)
+    eventually(lambda: any(r.status == 500 for r in lists(api.requests, NODES)))
+    with pytest.raises(ApiError, match="/api/v1/nodes: watch cache not filled yet.*HTTP 500"):
+        cache.snapshot()
+
+
+def test_nodes_listed_while_the_admin_kinds_went_away_are_not_kept_nor_watched(serve, watched):
+    api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
+    cache, _ = watched(api, recheck=0.1)
+    api.hang_next(1.5, path=NODES)
+    api.set_admin_api(True)
+    eventually(lambda: any(r.status == 200 for r in lists(api.requests, ADMIN_NETWORK_POLICIES)))
+    time.sleep(0.2)                                  # the Nodes list is in flight
+    api.set_admin_api(False)
+    eventually(lambda: not cache.caches["admin_policies"].served)
+    eventually(lambda: lists(api.requests, NODES), timeout=3)      # the list came back
+    time.sleep(0.3)
+    assert api.open_watches(NODES) == 0 and not cache.caches["nodes"].served
+    assert not cache.snapshot().admin_served and cache.snapshot().nodes == []
+
+
+def test_a_node_heartbeat_updates_the_cache_but_fires_nothing(serve, watched):
+    api = serve(admin_api=True, nodes=NODES_0)
+    cache, trigger = watched(api, synced=False)
+    assert cache.wait_synced(2)
+    eventually(lambda: api.open_watches(NODES) == 1)
+    trigger.take()
+    beat = node("node-1", "172.18.0.1", zone="a")
+    beat["status"]["conditions"] = [{"type": "Ready", "lastHeartbeatTime": "2026-11-21T10:05:00Z"}]
+    before = cache.caches["nodes"].resource_version
+    api.set_state(nodes=[beat])
+    eventually(lambda: cache.caches["nodes"].resource_version != before)
+    assert trigger.pending is None
+    api.set_state(nodes=[node("node-1", "172.18.0.1", zone="b")])
+    eventually(lambda: trigger.pending is not None)
 
 
 # -- the watch request itself --------------------------------------------------------

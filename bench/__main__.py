@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         print("python -m bench: must run as root (it creates network namespaces)", file=sys.stderr)
         return EXIT_ERROR
     signal.signal(signal.SIGTERM, _interrupt)
-    from bench import checks, netns, report, run, synth
+    from bench import admin, checks, netns, report, run, synth
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
 
@@ -79,6 +79,9 @@ def main(argv=None) -> int:
                 judged = result
         progress(f"{check_size}: compile scaling and rule count against peer pods")
         scaling = run.scaling(synth.SIZES[check_size])
+        progress(f"{check_size}: without and with admin policies")
+        with_admin = admin.run_admin(synth.SIZES[check_size], args.backend, progress)
+        print(admin.table(with_admin), end="\n\n", flush=True)
     except (run.BenchError, netns.NetnsError, subprocess.SubprocessError, OSError) as err:
         print(f"python -m bench: {err}", file=sys.stderr)
         return EXIT_ERROR
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
              f"{args.backend} backend)")
     if check_size != CHECK_SIZE:
         title += f"; the targets are set for {CHECK_SIZE}"
-    results = checks.evaluate(judged, scaling)
+    results = checks.evaluate(judged, scaling) + admin.checks(with_admin)
     print(report.check_lines(title, results), flush=True)
     return EXIT_OK if all(c.passed for c in results) else EXIT_FAILED
 

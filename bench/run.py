@@ -101,7 +101,10 @@ class SizeResult:
 
 
 def model(state: scenarios.State) -> Cluster:
-    return objects.parse_cluster(list(state.namespaces), list(state.pods), list(state.policies))
+    return objects.parse_cluster(list(state.namespaces), list(state.pods), list(state.policies),
+                                 admin_policies=list(state.admin_policies),
+                                 baseline_policies=list(state.baseline_policies),
+                                 nodes=list(state.nodes))
 
 
 def compiled(cluster: synth.Synthetic) -> tuple[Cluster, DesiredState]:
@@ -302,7 +305,9 @@ def measure_watch(ns: str, server: ApiServer, backend: str, start: scenarios.Sta
 # --- one size -----------------------------------------------------------------
 
 def _serve(server: ApiServer, state: scenarios.State) -> None:
-    server.set_state(namespaces=state.namespaces, pods=state.pods, policies=state.policies)
+    server.set_state(namespaces=state.namespaces, pods=state.pods, policies=state.policies,
+                     admin_policies=state.admin_policies, baseline_policies=state.baseline_policies,
+                     nodes=state.nodes)
 
 
 def _total(result: dict) -> float:

@@ -27,6 +27,9 @@ class State:
     namespaces: tuple[dict, ...]
     pods: tuple[dict, ...]
     policies: tuple[dict, ...]
+    admin_policies: tuple[dict, ...] = ()     # bench.admin's runs only
+    baseline_policies: tuple[dict, ...] = ()
+    nodes: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ STAGES = ("fetch", "parse", "compile", "read", "diff", "apply")
 @dataclass(frozen=True)
 class Counts:
     policies: int = 0
+    admin_policies: int = 0          # AdminNetworkPolicies and the baseline policy
     local_pods: int = 0
     rules: int = 0
     sets: int = 0
@@ -70,6 +71,7 @@ def count(cluster: Cluster, desired: DesiredState, node: str) -> Counts:
     rules = sum(len(c.rules) for f in (desired.v4, desired.v6) for c in f.chains)
     return Counts(
         policies=len(cluster.policies),
+        admin_policies=len(cluster.admin_policies) + (cluster.baseline is not None),
         local_pods=sum(1 for p in cluster.pods if p.node == node and not p.host_network),
         rules=rules,
         sets=len(desired.sets),
@@ -141,30 +143,38 @@ def may_narrow(the_plan: Plan, desired: DesiredState) -> bool:
     which is when the conntrack entries of refused flows must be cut.
 
     A plan cannot narrow when all it does is create sets and add members to
-    them, and every rule of ours that matches a set RETURNs (allows) on a
-    match: a new member then only allows more, and a new set is referenced
-    by no rule yet. Anything else may narrow: an iptables payload (a
-    rewritten chain loses RETURN rules or gains a pod's isolation, a hook
-    restored after someone removed it puts every pod under policy again, a
-    deleted or added chain comes with such rewrites), members deleted, sets
-    destroyed, or a set recreated with another type (the `destroy` lines of
-    the prepare payload)."""
+    them, and every rule of ours that matches a set that gains members
+    RETURNs (allows) on a match: a new member then only allows more, and a
+    new set is referenced by no rule yet. Anything else may narrow: an
+    iptables payload (a rewritten chain loses RETURN rules or gains a pod's
+    isolation, a hook restored after someone removed it puts every pod under
+    policy again, a deleted or added chain comes with such rewrites),
+    members deleted, sets destroyed, a set recreated with another type (the
+    `destroy` lines of the prepare payload), or a member added to a set that
+    an admin Deny or Pass rule matches."""
     if any(the_plan.iptables.values()) or any(the_plan.iptables_cleanup.values()):
         return True
     if the_plan.ipset_cleanup:
         return True
-    if any(not line.startswith(("create ", "add "))
-           for line in the_plan.ipset_prepare.splitlines() if line.strip()):
-        return True
-    return not _sets_only_allow(desired)
+    grown = set()
+    for line in the_plan.ipset_prepare.splitlines():
+        if not line.strip() or line.startswith("create "):
+            continue
+        if not line.startswith("add "):
+            return True
+        grown.add(line.split(" ", 2)[1])
+    return not _sets_only_allow(desired, grown)
 
 
-def _sets_only_allow(desired: DesiredState) -> bool:
-    """Every rule matching a set jumps to RETURN: a member more allows more."""
+def _sets_only_allow(desired: DesiredState, names: set) -> bool:
+    """Every rule matching one of the named sets jumps to RETURN: a member more allows more."""
     for family in (desired.v4, desired.v6):
         for chain in family.chains:
             for rule in chain.rules:
-                if "--match-set" in rule.args and _jump(rule.args) != "RETURN":
+                if "--match-set" not in rule.args or _jump(rule.args) == "RETURN":
+                    continue
+                if any(rule.args[i + 1] in names for i, a in enumerate(rule.args[:-1])
+                       if a == "--match-set"):
                     return False
     return True
 
@@ -333,8 +343,8 @@ def _log_cycle(report: CycleReport, dry_run: bool) -> None:
     logs.get().info("cycle", extra={
         "event": "cycle", "dry_run": dry_run, "seconds": _rounded(report.seconds),
         "total_seconds": round(sum(report.seconds.values()), 4),
-        "policies": c.policies, "local_pods": c.local_pods, "rules": c.rules,
-        "sets": c.sets, "set_members": c.set_members,
+        "policies": c.policies, "admin_policies": c.admin_policies, "local_pods": c.local_pods,
+        "rules": c.rules, "sets": c.sets, "set_members": c.set_members,
         "changes": report.changes, "drift": drift, "applied": report.applied,
         "reused": report.reused,
         "api_requests": report.api_requests, "api_bytes": report.api_bytes,

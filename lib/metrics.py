@@ -31,6 +31,8 @@ class Metrics:
                               ["stage"], registry=r)
         self.cycles = Counter(f"{NS}_cycles_total", "Cycles run, by result.", ["result"], registry=r)
         self.policies = Gauge(f"{NS}_policies", "NetworkPolicies in the cluster.", registry=r)
+        self.admin_policies = Gauge(f"{NS}_admin_policies", "AdminNetworkPolicies in the cluster, "
+                                    "and the BaselineAdminNetworkPolicy.", registry=r)
         self.local_pods = Gauge(f"{NS}_local_pods", "Pods on this node (not host-network).", registry=r)
         self.rules = Gauge(f"{NS}_rules", "iptables rules owned, both families.", registry=r)
         self.sets = Gauge(f"{NS}_ipsets", "ipsets owned.", registry=r)
@@ -59,6 +61,7 @@ class Metrics:
         self.cycles.labels("ok").inc()
         c = report.counts
         self.policies.set(c.policies)
+        self.admin_policies.set(c.admin_policies)
         self.local_pods.set(c.local_pods)
         self.rules.set(c.rules)
         self.sets.set(c.sets)

@@ -20,7 +20,10 @@ ROWS = ("fetch (API, JSON decode)", "parse", "compile", "read kernel state", "di
         "lines written: ours / full")
 CHECKS = ("no change: zero kernel writes", "no change (idle loop cycle): cycle <=", "remote pod joins: zero iptables lines",
           "remote pod joins: apply <=", "iptables rule count does not grow with peer pods",
-          "compile grows linearly", "peak memory <=")
+          "compile grows linearly", "peak memory <=",
+          "50 admin policies and a baseline: idle loop cycle <=",
+          "50 admin policies and a baseline: remote pod joins <=",
+          "50 admin policies and a baseline: local pod added <=")
 CHECK_LINE = re.compile(r"^(PASS|FAIL)  (.+?)  \|  (.+)$", re.MULTILINE)
 WATCH_COLUMNS = ("start-up", "idle cycle", "remote pod")
 WATCH_KINDS = 3                    # namespaces, pods, policies
@@ -96,6 +99,13 @@ def test_quick_benchmark_prints_the_table_and_the_checks_and_cleans_up():
     enforce = _row(out, "time to enforce, from the API change")
     assert enforce[:2] == ["-", "-"] and 0 < float(enforce[2]) < 30
     assert 0 < float(_row(out, "time to enforce, from event arrival")[2]) < 30
+
+    # the same cluster with admin policies: more rules, the same three cycles measured
+    assert "without and with 50 AdminNetworkPolicies and a BaselineAdminNetworkPolicy" in out
+    plain_rules, admin_rules = _numbers(out, "rules")
+    assert admin_rules > plain_rules > 0
+    for title in ("idle loop cycle", "remote pod joins", "local pod added"):
+        assert all(float(cell) > 0 for cell in _row(out, title))
 
     found = CHECK_LINE.findall(out)
     assert len(found) == len(CHECKS), out

@@ -244,3 +244,66 @@ def test_reconcile_py_log_drops_flags(root, prefix):
         plain = reconcile_py(lab, "--once", "--dry-run")
         # node-2's only pod, x/c, is isolated by nothing: the flag changes nothing there
         assert {o.node: o.returncode for o in plain} == {"node-1": 2, "node-2": 0}
+
+
+ADMIN_CASE = textwrap.dedent("""
+    name: drop-log-admin
+    cluster:
+      nodes: [{name: node-1}, {name: node-2}]
+      namespaces: [{name: x}, {name: y}]
+      pods:
+        - {namespace: x, name: a, node: node-1, labels: {app: a}, ports: [{containerPort: 8080}]}
+        - {namespace: x, name: b, node: node-1, labels: {app: b}, ports: [{containerPort: 8080}]}
+        - {namespace: y, name: d, node: node-2, labels: {app: d}, ports: [{containerPort: 8080}]}
+    policies:
+      - apiVersion: policy.networking.k8s.io/v1alpha1
+        kind: AdminNetworkPolicy
+        metadata:
+          name: guard-x
+          annotations: {kube-policy-manager/log-drops: "true"}
+        spec:
+          priority: 10
+          subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+          ingress:
+            - {action: Deny, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: y}}}]}
+          egress:
+            - {action: Deny, to: [{networks: [172.18.0.0/24, "fd00:172:18::/64"]}]}
+      - apiVersion: policy.networking.k8s.io/v1alpha1
+        kind: BaselineAdminNetworkPolicy
+        metadata: {name: default}
+        spec:
+          subject: {namespaces: {}}
+          ingress:
+            - {action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}]}
+    expect:
+      - {port: 8080, all: allow}
+""")
+
+
+def test_admin_refusals_are_logged_under_the_refusing_policy(root, prefix):
+    """An annotated AdminNetworkPolicy's Deny logs, named by pod and policy,
+    for ingress on the pod's node and for egress to a node; the baseline's
+    Deny, not annotated, logs only with --log-drops."""
+    case = parse_case(yaml.safe_load(ADMIN_CASE), "test_drop_log.py[admin]")
+    (state,) = case.states
+    with Lab(case, prefix) as lab:
+        lab.set_state(state)
+        assert_ok(reconcile_py(lab, "--once"))
+        with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
+            for family in (IPV4, IPV6):
+                assert connect(lab, "y/d", "x/a", family) == REFUSED
+                record = record_of(heard, lab, "y/d", "x/a", family)
+                assert record is not None, f"no record of y/d -> x/a {family}: {heard.records()}"
+                assert (record.prefix, record.hook) == ("KPM DROP in x/a anp/guard-x ", "FORWARD")
+            assert connect(lab, "x/a", "node:node-1") == REFUSED
+            to_node = record_of(heard, lab, "x/a", "node:node-1")
+            assert (to_node.prefix, to_node.hook) == ("KPM DROP out x/a anp/guard-x ", "INPUT")
+            assert connect(lab, "x/a", "x/b") == REFUSED                # the baseline's Deny
+            assert record_of(heard, lab, "x/a", "x/b", timeout=1.0) is None
+            assert_ok(reconcile_py(lab, "--once", "--log-drops"))
+            heard.clear()
+            assert connect(lab, "x/a", "x/b") == REFUSED
+            assert record_of(heard, lab, "x/a", "x/b").prefix == "KPM DROP in x/b banp/default "
+            assert connect(lab, "x/b", "x/a") == ALLOWED
+            assert record_of(heard, lab, "x/b", "x/a", timeout=1.0) is None
+            assert heard.errors() == []

@@ -34,7 +34,8 @@ from tests.lab.traffic import ALLOWED, RETRY_TIMEOUT, SKIPPED, TIMEOUT
 # Cases run on the wire, all of the project's own: node-local and own-node
 # traffic, host networks, externals, named ports resolved per destination,
 # dual stack, ipBlock excepts changing across steps, a policy widened and
-# deleted while pods are added and relabelled, SCTP.
+# deleted while pods are added and relabelled, SCTP, admin policies (nodes
+# and networks peers, named ports and ranges, priorities changed across steps).
 WIRE_SAMPLE = (
     "cases/27-egress-to-external.yaml",
     "cases/28-ingress-from-external.yaml",
@@ -47,6 +48,9 @@ WIRE_SAMPLE = (
     "cases/54-steps-ipblock-except-change.yaml",
     "cases/48-steps-policy-add-change-delete.yaml",
     "cases/49-steps-pod-add-relabel-delete.yaml",
+    "cases/66-anp-nodes-and-networks-egress.yaml",
+    "cases/67-anp-named-ports-and-ranges.yaml",
+    "cases/68-steps-anp-add-reprioritise-delete.yaml",
 )
 
 

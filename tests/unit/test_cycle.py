@@ -95,6 +95,21 @@ def test_a_member_added_to_a_set_a_refusing_rule_matches_may_narrow():
     assert may_narrow(the_plan, want)
 
 
+def test_a_member_added_only_to_allowing_sets_cannot_narrow_though_another_set_refuses():
+    """A node with an admin Deny still skips the cleanup when a pod joins a
+    set that only RETURN rules match; joining the Deny's set may narrow."""
+    blocked = IpSet("KPM-N4-blocked", HASH_NET, 4, frozenset({"10.0.0.1"}))
+    allowed = IpSet("KPM-N4-allowed", HASH_NET, 4, frozenset({"10.0.0.2"}))
+    chain = Chain("KPM-I-x", (
+        Rule(("-m", "set", "--match-set", blocked.name, "src", "-j", "REJECT"), "refuse"),
+        Rule(("-m", "set", "--match-set", allowed.name, "src", "-j", "RETURN"), "admit")))
+    want = DesiredState(v4=FamilyState(4, (chain,), ()), sets=(allowed, blocked))
+    grow_allowed = replace(want, sets=(replace(allowed, members=frozenset()), blocked))
+    assert not may_narrow(plan_from(grow_allowed, want), want)
+    grow_blocked = replace(want, sets=(allowed, replace(blocked, members=frozenset())))
+    assert may_narrow(plan_from(grow_blocked, want), want)
+
+
 # --- fingerprint -----------------------------------------------------------------
 
 def _obj(name: str, version, ns: str = "x", uid: str = "u1") -> dict:

@@ -155,3 +155,27 @@ def test_node_addresses_come_from_host_ips_and_host_network_pods():
         "n1": ("172.18.0.1",), "n2": ("172.18.0.2",),
         "n3": ("10.0.0.3", "fd00::3"), "n4": ("10.0.0.4",),
     }
+
+
+def test_the_deciding_admin_rule_is_named():
+    """With the admin API served, explain reads the admin policies too and
+    names the tier and rule that decided."""
+    guard = {"metadata": {"name": "guard-web"}, "spec": {
+        "priority": 3,
+        "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}},
+        "ingress": [{"name": "team-b", "action": "Deny",
+                     "from": [{"namespaces": {"matchLabels": {"team": "b"}}}]},
+                    {"name": "clients", "action": "Allow",
+                     "from": [{"pods": {"namespaceSelector": {}, "podSelector": {}}}]}]}}
+    server = ApiServer(namespaces=NAMESPACES, pods=PODS, policies=[WEB_FROM_CLIENTS],
+                       admin_policies=[guard], admin_api=True).start()
+    try:
+        denied = run("--api-server", server.url, "explain", "y/client", "x/web", "8080")
+        allowed = run("--api-server", server.url, "explain", "x/client", "x/web", "9999")
+    finally:
+        server.stop()
+    assert denied.returncode == 3, denied.stderr
+    assert "  ingress of x/web: refuses: ANP guard-web ingress rule 0 (team-b): Deny\n" in denied.stdout
+    assert "    admin policies: ANP guard-web\n" in denied.stdout
+    assert allowed.returncode == 0, allowed.stderr       # the Allow wins over x/web's NetworkPolicy
+    assert "ANP guard-web ingress rule 1 (clients): Allow" in allowed.stdout

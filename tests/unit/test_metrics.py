@@ -18,7 +18,7 @@ class Clock:
 
 def ok_report():
     return CycleReport(ok=True, seconds={"fetch": 0.01, "apply": 0.02},
-                       counts=Counts(policies=3, local_pods=5, rules=40, sets=4, set_members=17))
+                       counts=Counts(policies=3, admin_policies=2, local_pods=5, rules=40, sets=4, set_members=17))
 
 
 def failed_report(stage="fetch", error="connection refused"):
@@ -79,6 +79,7 @@ def test_metrics_expose_counts_errors_and_stage_times(served):
     assert code == 200
     assert "kpm_rules 40.0" in text
     assert "kpm_ipset_members 17.0" in text
+    assert "kpm_admin_policies 2.0" in text
     assert 'kpm_errors_total{stage="read"} 1.0' in text
     assert 'kpm_cycle_stage_seconds_count{stage="apply"} 1.0' in text
     assert "kpm_last_successful_sync_timestamp_seconds 1000.0" in text

@@ -48,9 +48,7 @@ WIRE_SAMPLE = (
     "cases/54-steps-ipblock-except-change.yaml",
     "cases/48-steps-policy-add-change-delete.yaml",
     "cases/49-steps-pod-add-relabel-delete.yaml",
-    "cases/66-anp-nodes-and-networks-egress.yaml",
-    "cases/67-anp-named-ports-and-ranges.yaml",
-    "cases/68-steps-anp-add-reprioritise-delete.yaml",
+    *(name for name in CASES if name.startswith("cases/") and "-anp-" in name),
 )
 
 

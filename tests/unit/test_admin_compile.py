@@ -10,6 +10,8 @@ import pytest
 
 from lib.compile import CompileOptions, compile_node, np_tier_chain_name, pod_chain_name
 from lib.explain import explain, render
+from lib.plan import KernelState, diff
+from lib.plan_view import render_diff
 from lib.model import ALLOW, DENY, EGRESS, INGRESS, PASS, TCP, UDP, PolicyPort
 from tests.unit.builders import (NAME_LABEL, a_namespaces, a_networks, a_nodes, a_pods, anp, arule,
                                  banp, cluster, named, node, ns_peer, ns_subject, pods_peer,
@@ -319,3 +321,12 @@ def test_admin_refusals_are_logged_under_the_policy_that_refused():
         assert t2.logged == [("NFLOG", "KPM DROP in x/b anp/deny-team-b ")]
         assert t2.verdict("FORWARD", Packet("10.1.0.10", "10.2.0.10", "tcp", 80)) == "reject"
         assert t2.logged == ([("NFLOG", "KPM DROP in x/b ")] if banp_logged else [])
+
+
+def test_dry_run_shows_the_admin_rules_in_the_pods_chains():
+    case = CASES["Pass skips lower ANPs and hands the decision to NetworkPolicy"]
+    desired = net(case["policies"], case["admin"]).state("n1")
+    text = render_diff(diff(desired, KernelState()), desired, KernelState())
+    assert "ANP_pass-team-b_ingress[0]" in text and "ANP_deny-all_ingress[0]" in text
+    x_a = next(p for p in PODS if p.key == "x/a")
+    assert np_tier_chain_name(x_a, INGRESS) in text

@@ -89,6 +89,18 @@ def node(obj: Any) -> Any:
                  status=lambda status: _pick(status, ("addresses",)))
 
 
+def names_nodes(obj: Any) -> bool:
+    """Whether an admin policy has a `nodes` peer (spec.egress[].to[].nodes):
+    the Nodes are read only then. A policy too malformed to tell denies
+    instead of matching nodes (lib/objects.py), so it needs none."""
+    spec = obj.get("spec") if isinstance(obj, dict) else None
+    rules = spec.get("egress") if isinstance(spec, dict) else None
+    return isinstance(rules, list) and any(
+        isinstance(rule, dict) and isinstance(rule.get("to"), list)
+        and any(isinstance(peer, dict) and peer.get("nodes") is not None for peer in rule["to"])
+        for rule in rules)
+
+
 BY_KIND: dict[str, Callable[[Any], Any]] = {
     "Namespace": namespace, "Pod": pod, "NetworkPolicy": policy,
     ADMIN: policy, BASELINE: policy, "Node": node}

@@ -494,8 +494,9 @@ class ApiClient:
     def list_cluster(self, trim: Optional[Callable[[str, Any], Any]] = api_fields.trimmed
                      ) -> ClusterObjects:
         """Namespaces, Pods, NetworkPolicies and, where the API server serves
-        them, AdminNetworkPolicies, BaselineAdminNetworkPolicies and then
-        Nodes; each list complete, or ApiError. A kind the server does not
+        them, AdminNetworkPolicies, BaselineAdminNetworkPolicies and then,
+        when one of those has a `nodes` peer, the Nodes; each list complete,
+        or ApiError. A kind the server does not
         serve (404) is asked for again by the next call, which costs one
         small answer. `trim(kind, obj)` is applied to each object as its page
         arrives, so that a page's unread fields are freed before the next page
@@ -512,7 +513,8 @@ class ApiClient:
         baseline = self._list_if_served(BASELINE_ADMIN_NETWORK_POLICIES, of(BASELINE))
         served = frozenset(r for r, items in zip(ADMIN_RESOURCES, (admin, baseline))
                            if items is not None)
-        nodes = self.list(NODES, of("Node")) if served else []
+        wanted = any(api_fields.names_nodes(o) for o in (admin or []) + (baseline or []))
+        nodes = self.list(NODES, of("Node")) if wanted else []
         self.admin_api_log.update(served)
         return ClusterObjects(namespaces, pods, policies,
                               requests=self.request_count - requests_before,

@@ -26,7 +26,10 @@ The admin policy kinds are CustomResourceDefinitions a cluster may lack. A
 and lists again every minute (`recheck`); a served kind that answers 404
 (its definition was deleted: the server ends its watch) drops its objects.
 The Nodes, which only `nodes` peers need, are listed and watched only
-while an admin kind is served.
+while a served admin policy has such a peer (Node objects change often and
+are large; a cluster of a thousand nodes would otherwise send each agent
+every Node's status updates). When a `nodes` peer appears, the cycles
+enforce the admin policies as they were until the Nodes are listed.
 
 Failing safe: snapshot() raises ApiError, so that the cycle writes nothing,
 until every kind has completed its first list, and when a kind has been out
@@ -493,14 +496,21 @@ class ClusterCache:
                               watch_seconds=watch_seconds, jitter=jitter, retry=retry,
                               stale_after=stale_after, **extra)
 
+        def admin_changed(when: float) -> None:
+            self._update_nodes()
+            if on_change is not None:
+                on_change(when)
+
         self.caches = {name: cache(path, kind, meaning) for name, path, kind, meaning in self.KINDS}
         for name, path, kind, meaning, _ in self.ADMIN_KINDS:
             self.caches[name] = cache(path, kind, meaning, optional=True, recheck=recheck,
-                                      on_served=self._admin_served_changed)
+                                      on_served=self._update_nodes)
+            self.caches[name].on_change = admin_changed
         self.caches["nodes"] = cache(NODES, "Node", objects.parse_node, enabled=False)
         self.admin_api_log = AdminApiLog()
         self._lock = threading.Lock()
         self._reported = (0, 0)
+        self._last_admin: Optional[tuple] = None     # (served, admin lists, nodes) last enforced
 
     def __enter__(self) -> "ClusterCache":
         return self.start()
@@ -521,32 +531,44 @@ class ClusterCache:
         return all([cache.stop(max(0.0, deadline - time.monotonic()))
                     for cache in self.caches.values()])
 
-    def _admin_served(self) -> bool:
-        return any(self.caches[name].served for name, *_ in self.ADMIN_KINDS)
+    def _nodes_needed(self) -> Optional[bool]:
+        """Whether a served admin policy has a `nodes` peer; None while an
+        admin cache cannot tell (not listed yet, or out of sync)."""
+        found = False
+        for name, *_ in self.ADMIN_KINDS:
+            try:
+                items = self.caches[name].contents()[1]
+            except ApiError:
+                return None
+            found = found or any(api_fields.names_nodes(o) for o in items)
+        return found
 
-    def _admin_served_changed(self) -> None:
+    def _update_nodes(self) -> None:
+        """Keep the Nodes while a served admin policy has a `nodes` peer."""
         with self._lock:
-            self.caches["nodes"].enable(self._admin_served())
+            needed = self._nodes_needed()
+            if needed is not None:
+                self.caches["nodes"].enable(needed)
 
     def wait_synced(self, timeout: float) -> bool:
         """Whether every kind completed its first list within `timeout` (the
-        Nodes only when an admin kind is served)."""
+        Nodes only when a `nodes` peer needs them)."""
         deadline = time.monotonic() + timeout
         if not all(cache.wait_synced(max(0.0, deadline - time.monotonic()))
                    for name, cache in self.caches.items() if name != "nodes"):
             return False
-        return (not self._admin_served()
+        self._update_nodes()
+        return (self._nodes_needed() is False
                 or self.caches["nodes"].wait_synced(max(0.0, deadline - time.monotonic())))
 
     def snapshot(self) -> ClusterObjects:
         """The cached objects, with what the API cost since the last snapshot
         returned (0 and 0 while nothing changed), or ApiError.
 
-        The admin kinds count as served only once the Nodes have come too:
-        a `nodes` peer must never be read as matching no node. Until their
-        first list completes (it starts when an admin kind is first served),
-        the cycle enforces what it enforced before; if that list fails, the
-        snapshot fails."""
+        A `nodes` peer must never be read as matching no node: while the
+        Nodes it needs are not listed yet, the admin policies are given as
+        the last snapshot gave them (none before the first); if listing the
+        Nodes fails, the snapshot fails."""
         namespaces = self.caches["namespaces"].items()
         pods = self.caches["pods"].items()
         policies = self.caches["policies"].items()
@@ -557,13 +579,15 @@ class ClusterCache:
             if is_served:
                 served.add(resource)
         nodes: list = []
-        if served:
+        if any(api_fields.names_nodes(o) for items in admin.values() for o in items):
+            self._update_nodes()
             try:
                 nodes = self.caches["nodes"].items()
             except ApiError:
-                if self.caches["nodes"].failing:
+                if self.caches["nodes"].failing or self._last_admin is None:
                     raise
-                served, admin = set(), {name: [] for name in admin}
+                served, admin, nodes = self._last_admin
+        self._last_admin = (served, admin, nodes)
         self.admin_api_log.update(frozenset(served))
         costs = [cache.cost() for cache in self.caches.values()]
         spent = (sum(c[0] for c in costs), sum(c[1] for c in costs))

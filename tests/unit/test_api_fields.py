@@ -171,3 +171,16 @@ def test_an_admin_policy_keeps_its_spec_and_our_annotation_only():
     assert trimmed["spec"] == policy["spec"] and "status" not in trimmed
     assert trimmed["metadata"]["annotations"] == {objects.LOG_DROPS_ANNOTATION: "true"}
     assert objects.parse_admin_policy(trimmed)[0].log_drops
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}, {"nodes": {}}]}]}, True),
+    ({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}]}]}, False),
+    ({"ingress": [{"action": "Deny", "from": [{"nodes": {}}]}]}, False),      # not an ingress peer
+    ({"egress": [{"to": [{"nodes": None}]}]}, False),
+    ({"egress": "not a list"}, False),
+    ({"egress": [{"to": "not a list"}, "not a rule"]}, False),
+])
+def test_names_nodes_tells_when_the_nodes_are_needed(spec, expected):
+    assert api_fields.names_nodes({"metadata": {"name": "a"}, "spec": spec}) is expected
+    assert api_fields.names_nodes("not an object") is False

@@ -186,6 +186,22 @@ def test_without_the_admin_api_network_policy_alone_is_read_and_that_is_said_onc
                if getattr(r, "event", "") == "admin-api")
 
 
+def test_the_nodes_are_listed_only_when_a_nodes_peer_needs_them(serve):
+    """Node objects are large and every node lists them each cycle: admin
+    policies without a `nodes` peer cost no Node list."""
+    plain = {"metadata": {"name": "plain"},
+             "spec": {"priority": 5, "subject": {"namespaces": {}},
+                      "egress": [{"action": "Deny", "to": [{"networks": ["192.0.2.0/24"]}]}]}}
+    api = serve(admin_api=True, admin_policies=[plain], baseline_policies=[baseline_policy()],
+                nodes=[node("node-1", "172.18.0.1")])
+    client = ApiClient(load_config(api_server=api.url))
+    got = client.list_cluster()
+    assert names(got.admin_policies) == ["plain"] and got.nodes == []
+    assert NODES not in {r.path for r in api.requests}
+    api.set_state(admin_policies=[plain, admin_policy("a")])
+    assert names(client.list_cluster().nodes) == ["node-1"]
+
+
 def test_the_admin_api_served_later_is_read_and_dropped_when_removed(serve, caplog):
     api = serve(namespaces=[ns("x")], admin_policies=[admin_policy("b", 20), admin_policy("a")],
                 baseline_policies=[baseline_policy()],

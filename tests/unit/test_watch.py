@@ -480,15 +480,44 @@ def test_the_admin_api_served_later_is_picked_up_and_dropped_when_removed(serve,
     assert all(a != b for a, b in zip(logged, logged[1:]))
 
 
-def test_one_admin_kind_served_alone_brings_the_nodes(serve, watched):
+def test_one_admin_kind_served_alone_brings_the_nodes_its_nodes_peer_needs(serve, watched):
     api = serve(admin_api=["baselineadminnetworkpolicies"], nodes=NODES_0,
                 baseline_policies=[{"metadata": {"name": "default"},
-                                    "spec": {"subject": {"namespaces": {}}}}])
+                                    "spec": {"subject": {"namespaces": {}},
+                                             "egress": [{"action": "Deny", "to": [{"nodes": {}}]}]}}])
     cache, _ = watched(api, synced=False)
     assert cache.wait_synced(2)
     got = cache.snapshot()
     assert got.admin_api == {"baselineadminnetworkpolicies"}
     assert names(got.baseline_policies) == ["default"] and names(got.nodes) == ["node-1"]
+
+
+def test_the_nodes_are_read_only_while_a_nodes_peer_needs_them(serve, watched):
+    """Admin policies without a `nodes` peer cost no Node list or watch;
+    one that gains such a peer brings them, and until they are listed the
+    admin policies are given as they were."""
+    plain = {"metadata": {"name": "a"}, "spec": {"priority": 10, "subject": {"namespaces": {}},
+                                                 "ingress": [{"action": "Deny",
+                                                              "from": [{"namespaces": {}}]}]}}
+    api = serve(admin_api=True, admin_policies=[plain], nodes=NODES_0)
+    cache, _ = watched(api, synced=False)
+    assert cache.wait_synced(2)
+    eventually(lambda: api.open_watches() == 5)
+    before = cache.snapshot()
+    assert names(before.admin_policies) == ["a"] and before.nodes == []
+    assert lists(api.requests, NODES) == [] and api.open_watches(NODES) == 0
+
+    api.hang_next(2.0, path=NODES)
+    api.set_state(admin_policies=[plain, admin_policy("b")])
+    eventually(lambda: names(cache.caches["admin_policies"].items()) == ["a", "b"])
+    waiting = cache.snapshot()                          # the Nodes list is hanging
+    assert names(waiting.admin_policies) == ["a"] and waiting.nodes == []
+    got = eventually(lambda: (lambda s: s if s.nodes else None)(cache.snapshot()), timeout=5)
+    assert names(got.admin_policies) == ["a", "b"] and names(got.nodes) == ["node-1"]
+
+    api.set_state(admin_policies=[plain])
+    eventually(lambda: api.open_watches(NODES) == 0)
+    assert cache.snapshot().nodes == [] and not cache.caches["nodes"].served
 
 
 def test_a_500_on_the_admin_list_fails_the_snapshot(serve, watched):
@@ -506,10 +535,11 @@ def test_a_500_on_the_admin_list_fails_the_snapshot(serve, watched):
 
 def test_the_admin_kinds_wait_for_the_nodes_and_fail_without_them(serve, watched):
     """A `nodes` peer must never be read as matching no node: until the Nodes
-    are listed the snapshot holds no admin kind, and when they cannot be
-    listed it fails."""
+    are listed the snapshot holds the admin kinds as the last one did (here:
+    not served), and when they cannot be listed it fails."""
     api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
     cache, _ = watched(api, recheck=0.1)
+    assert not cache.snapshot().admin_served
     api.hang_next(1.0, path=NODES)
     api.set_admin_api(True)
     eventually(lambda: lists(api.requests, ADMIN_NETWORK_POLICIES)[-1].status == 200)
@@ -543,7 +573,7 @@ def test_nodes_listed_while_the_admin_kinds_went_away_are_not_kept_nor_watched(s
 
 
 def test_a_node_heartbeat_updates_the_cache_but_fires_nothing(serve, watched):
-    api = serve(admin_api=True, nodes=NODES_0)
+    api = serve(admin_api=True, admin_policies=[admin_policy("a")], nodes=NODES_0)
     cache, trigger = watched(api, synced=False)
     assert cache.wait_synced(2)
     eventually(lambda: api.open_watches(NODES) == 1)

@@ -78,6 +78,16 @@ def _node_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"),
                    default=argparse.SUPPRESS if suppress else "auto",
                    help="iptables backend (default auto: the one the node already uses)")
+    _dataplane_flag(p, suppress)
+
+
+def _dataplane_flag(p: argparse.ArgumentParser, suppress: bool) -> None:
+    p.add_argument("--dataplane", choices=("iptables", "nftables"),
+                   default=argparse.SUPPRESS if suppress else "iptables",
+                   help="iptables (default: chains in the shared filter tables, ipsets) or "
+                        "nftables (a table of its own, inet kube-policy-manager); switching "
+                        "on a running node removes the other one's rules once the new ones "
+                        "are in force")
 
 
 def _compile_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -133,6 +143,7 @@ def parse_args(argv):
                    help="remove every chain, jump rule and ipset this program owns, then exit")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default auto: the one the node already uses)")
+    _dataplane_flag(p, suppress=False)
     p.add_argument("--api-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="read timeout of every API request (default 10; connecting: 3 s)")
     p.add_argument("--watch", action="store_true",
@@ -204,15 +215,58 @@ def parse_args(argv):
     return args
 
 
-def print_plan(output: str, the_plan, desired, current) -> None:
-    from lib import plan, plan_view, terminal
+def print_plan(output: str, plane, the_plan, desired, current) -> None:
+    from lib import terminal
     if output == "raw":
-        print(plan.render(the_plan), end="")
+        print(plane.raw(the_plan), end="")
     elif output == "json":
-        print(json.dumps(plan_view.document(the_plan, desired, current), indent=2))
+        print(json.dumps(plane.document(the_plan, desired, current), indent=2))
     else:
-        print(plan_view.render_diff(the_plan, desired, current,
-                                    color=terminal.wants_color(sys.stdout)), end="")
+        print(plane.render_diff(the_plan, desired, current,
+                                color=terminal.wants_color(sys.stdout)), end="")
+
+
+def build_dataplane(args, log):
+    """The dataplane the flags ask for, with the other one's kernel for the
+    leftovers of a switch. On a node without iptables the nftables
+    dataplane runs alone."""
+    from lib import dataplane, kernel
+    try:
+        backend, reason = kernel.detect_backend(args.iptables_backend)
+    except kernel.KernelError as err:
+        if args.dataplane == dataplane.IPTABLES:
+            raise
+        backend, reason = None, str(err)
+    log.info(f"dataplane {args.dataplane}", extra={
+        "event": "backend", "dataplane": args.dataplane, "backend": backend, "reason": reason})
+    return dataplane.build(args.dataplane, backend), backend
+
+
+def cleanup_command(args, plane, log) -> int:
+    """Remove what this program owns on both dataplanes: the one given,
+    then the other one, where its tools are installed."""
+    from lib import dataplane
+    from lib.kernel import KernelError
+    planes = [plane] + ([dataplane.alone(plane.other)] if plane.other is not None else [])
+    pending = False
+    for dp in planes:
+        try:
+            current = dp.read()
+        except KernelError as err:
+            if dp is not plane and dataplane.missing_binary(err):
+                continue
+            raise
+        cleanup = dp.cleanup_plan(current)
+        if args.dry_run:
+            print_plan(args.output, dp, cleanup, dp.empty_desired(), current)
+            pending = pending or not cleanup.empty
+            continue
+        dp.apply(cleanup)
+        log.info("cleanup done", extra={"event": "cleanup", "dataplane": dp.name,
+                                        "changes": len(cleanup.changes)})
+    if args.dry_run:
+        return EXIT_PENDING if pending else EXIT_OK
+    return EXIT_OK
 
 
 def explain_command(args, log) -> int:
@@ -236,11 +290,10 @@ def explain_command(args, log) -> int:
 
 
 def status_command(args, log) -> int:
-    from lib import cycle, kernel, kubeapi, status, terminal
+    from lib import cycle, dataplane, kubeapi, status, terminal
     api = None
     try:
-        backend, _ = kernel.detect_backend(args.iptables_backend)
-        kern = kernel.Kernel(backend)
+        kern, backend = build_dataplane(args, log)
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
         api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
         options = compile_options(args, api, log)
@@ -254,8 +307,13 @@ def status_command(args, log) -> int:
                                  problem_log=cycle.ProblemLog(), options=options)
     if not report.ok:
         return EXIT_ERROR
-    node = status.node_status(report.cluster, report.desired, report.kernel, report.plan,
-                              args.node_name, backend, kern.families)
+    if kern.name == dataplane.NFTABLES:
+        from lib import nft_status
+        node = nft_status.node_status(report.cluster, report.desired, report.kernel, report.plan,
+                                      args.node_name, kern.families)
+    else:
+        node = status.node_status(report.cluster, report.desired, report.kernel, report.plan,
+                                  args.node_name, backend, kern.families)
     if args.output == "json":
         print(json.dumps(node.as_dict(), indent=2))
     else:
@@ -292,8 +350,7 @@ def _wait_synced(cache, seconds: float, stop) -> None:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
-    from lib import cycle, kernel, kubeapi, logs, loop, metrics, plan, watch
-    from lib.ruleset import DesiredState
+    from lib import cycle, kubeapi, logs, loop, metrics, watch
     log = logs.setup(args.log_level)
 
     if args.command == "explain":
@@ -309,19 +366,9 @@ def main(argv=None) -> int:
     signals = loop.StopSignals().install()
     stopped_code = EXIT_ERROR if args.once else EXIT_OK
     try:
-        backend, reason = kernel.detect_backend(args.iptables_backend)
-        log.info(f"iptables backend {backend}", extra={"event": "backend", "backend": backend,
-                                                        "reason": reason})
-        kern = kernel.Kernel(backend)
+        kern, _ = build_dataplane(args, log)
         if args.cleanup:
-            current = kern.read()
-            cleanup = plan.cleanup(current)
-            if args.dry_run:
-                print_plan(args.output, cleanup, DesiredState(), current)
-                return EXIT_OK if cleanup.empty else EXIT_PENDING
-            kern.apply(cleanup)
-            log.info("cleanup done", extra={"event": "cleanup", "changes": len(cleanup.changes)})
-            return EXIT_OK
+            return cleanup_command(args, kern, log)
         config = kubeapi.load_config(args.api_server, args.kubeconfig, args.token_file, args.ca_file)
         api = kubeapi.ApiClient(config, timeout=(3.05, args.api_timeout))
         with signals.abandonable():
@@ -358,7 +405,7 @@ def main(argv=None) -> int:
         if not report.ok:
             return EXIT_ERROR
         if args.dry_run:
-            print_plan(args.output, report.plan, report.desired, report.kernel)
+            print_plan(args.output, kern, report.plan, report.desired, report.kernel)
             return EXIT_OK if report.plan.empty else EXIT_PENDING
         return EXIT_OK
 

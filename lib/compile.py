@@ -361,7 +361,7 @@ class _Compiler:
             rules.extend(self.policy_rules(policy, direction, pod, family))
         if log is not None:
             rules.append(log)
-        rules.append(FilterRule(ANY, REFUSED, f"{pod.key} reject"))
+        rules.append(FilterRule(ANY, REFUSED, "reject", subject=pod.key))
         return rules
 
     def pod_chains(self, pod: Pod, direction: str, tiers: "_Tiers", family: int,
@@ -390,7 +390,8 @@ class _Compiler:
             tier_name = np_tier_chain_name(pod, direction)
             goto = Verdict(GOTO, tier_name)
             head = [replace(r, verdict=goto) if r.verdict == PASS_VERDICT else r for r in head]
-            head.append(FilterRule(ANY, goto, f"{pod.key} {_DIRECTION[direction]} networkpolicy tier"))
+            head.append(FilterRule(ANY, goto, f"{_DIRECTION[direction]} networkpolicy tier",
+                                   subject=pod.key))
             return [FilterChain(name, tuple(head)), FilterChain(tier_name, tuple(tier))]
         head = [replace(r, verdict=ALLOWED) if r.verdict == PASS_VERDICT else r for r in head]
         rules = _without_trailing_allows(head + tier)

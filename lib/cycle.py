@@ -1,4 +1,5 @@
-"""One reconcile cycle: fetch, parse, compile, read, diff, apply.
+"""One reconcile cycle: fetch, parse, compile, read, diff, apply, on either
+dataplane (lib.dataplane).
 
 Each stage is timed; a failing stage ends the cycle before anything is
 written (or, in apply, before the next step), so the rules in force stay.
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from lib import compile as compiler
-from lib import conntrack, logs, objects, plan as planner
+from lib import conntrack, dataplane, logs, objects
+from lib.intent import FamilyIntent, NodeIntent
 from lib.model import ADMIN, BASELINE, Cluster, Problem
-from lib.plan import KernelState, Plan
 from lib.ruleset import DesiredState, FamilyState
 from lib.selectors import ClusterIndex
 
@@ -43,7 +44,7 @@ class CycleReport:
     ok: bool
     seconds: dict = field(default_factory=dict)      # stage -> seconds
     counts: Counts = Counts()
-    plan: Optional[Plan] = None
+    plan: object = None                              # the dataplane's plan
     failed_stage: Optional[str] = None
     error: Optional[str] = None
     applied: bool = False
@@ -51,8 +52,8 @@ class CycleReport:
     api_requests: int = 0
     api_bytes: int = 0
     cluster: Optional[Cluster] = None
-    desired: Optional[DesiredState] = None
-    kernel: Optional[KernelState] = None             # as read before the diff
+    desired: object = None                           # the dataplane's desired state
+    kernel: object = None                            # its state as read before the diff
     reused: bool = False                             # parse and compile skipped: same objects
 
     @property
@@ -67,15 +68,15 @@ class StageError(Exception):
         self.cause = cause
 
 
-def count(cluster: Cluster, desired: DesiredState, node: str) -> Counts:
-    rules = sum(len(c.rules) for f in (desired.v4, desired.v6) for c in f.chains)
+def count(cluster: Cluster, desired, node: str, plane=None) -> Counts:
+    rules, sets, members = dataplane.of(plane).counts(desired)
     return Counts(
         policies=len(cluster.policies),
         admin_policies=len(cluster.admin_policies) + (cluster.baseline is not None),
         local_pods=sum(1 for p in cluster.pods if p.node == node and not p.host_network),
         rules=rules,
-        sets=len(desired.sets),
-        set_members=sum(len(s.members) for s in desired.sets),
+        sets=sets,
+        set_members=members,
     )
 
 
@@ -85,6 +86,14 @@ def only_families(desired: DesiredState, families) -> DesiredState:
         v4=desired.v4 if 4 in families else FamilyState(4),
         v6=desired.v6 if 6 in families else FamilyState(6),
         sets=tuple(s for s in desired.sets if s.family in families))
+
+
+def intent_families(intent: NodeIntent, families) -> NodeIntent:
+    """only_families, for any dataplane: the intent without the families the node lacks."""
+    return NodeIntent(
+        v4=intent.v4 if 4 in families else FamilyIntent(4),
+        v6=intent.v6 if 6 in families else FamilyIntent(6),
+        sets=tuple(s for s in intent.sets if s.family in families))
 
 
 # kind, and the ClusterObjects list of that kind
@@ -123,7 +132,7 @@ class Compiled:
     families the kernel holds)."""
     key: tuple
     cluster: Cluster
-    desired: DesiredState
+    desired: object                   # the dataplane's desired state
     problems: tuple[Problem, ...]     # of the objects, and named ports nothing declares
 
 
@@ -136,54 +145,6 @@ class LastCompiled:
     def __init__(self) -> None:
         self.compiled: Optional[Compiled] = None
         self.memo = objects.ParseMemo()
-
-
-def may_narrow(the_plan: Plan, desired: DesiredState) -> bool:
-    """Whether applying the plan can make the node refuse a flow it allowed,
-    which is when the conntrack entries of refused flows must be cut.
-
-    A plan cannot narrow when all it does is create sets and add members to
-    them, and every rule of ours that matches a set that gains members
-    RETURNs (allows) on a match: a new member then only allows more, and a
-    new set is referenced by no rule yet. Anything else may narrow: an
-    iptables payload (a rewritten chain loses RETURN rules or gains a pod's
-    isolation, a hook restored after someone removed it puts every pod under
-    policy again, a deleted or added chain comes with such rewrites),
-    members deleted, sets destroyed, a set recreated with another type (the
-    `destroy` lines of the prepare payload), or a member added to a set that
-    an admin Deny or Pass rule matches."""
-    if any(the_plan.iptables.values()) or any(the_plan.iptables_cleanup.values()):
-        return True
-    if the_plan.ipset_cleanup:
-        return True
-    grown = set()
-    for line in the_plan.ipset_prepare.splitlines():
-        if not line.strip() or line.startswith("create "):
-            continue
-        if not line.startswith("add "):
-            return True
-        grown.add(line.split(" ", 2)[1])
-    return not _sets_only_allow(desired, grown)
-
-
-def _sets_only_allow(desired: DesiredState, names: set) -> bool:
-    """Every rule matching one of the named sets jumps to RETURN: a member more allows more."""
-    for family in (desired.v4, desired.v6):
-        for chain in family.chains:
-            for rule in chain.rules:
-                if "--match-set" not in rule.args or _jump(rule.args) == "RETURN":
-                    continue
-                if any(rule.args[i + 1] in names for i, a in enumerate(rule.args[:-1])
-                       if a == "--match-set"):
-                    return False
-    return True
-
-
-def _jump(args: tuple) -> Optional[str]:
-    for i, arg in enumerate(args[:-1]):
-        if arg in ("-j", "--jump", "-g", "--goto"):
-            return args[i + 1]
-    return None
 
 
 class ProblemLog:
@@ -223,14 +184,14 @@ def run_cycle(fetch: Callable, kernel, node: str, dry_run: bool = False,
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, last,
-                          options)
+        return _run_cycle(fetch, dataplane.of(kernel), node, dry_run, problem_log,
+                          conntrack_cleanup, last, options)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, last,
+def _run_cycle(fetch, plane, node, dry_run, problem_log, conntrack_cleanup, last,
                options) -> CycleReport:
     seconds: dict[str, float] = {}
     state: dict[str, object] = {}
@@ -247,11 +208,11 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
     try:
         fetched = stage("fetch", fetch)
         state["api_cost"] = (getattr(fetched, "requests", 0), getattr(fetched, "bytes", 0))
-        families = tuple(getattr(kernel, "families", (4, 6)))
+        families = tuple(getattr(plane, "families", (4, 6)))
 
         def recognise_or_parse():
             prints = fingerprint(fetched) if last is not None else None
-            key = (prints, node, families)
+            key = (prints, node, families, plane.name)
             if prints is not None and last.compiled is not None and last.compiled.key == key:
                 return key, last.compiled, None
             if last is not None:
@@ -265,7 +226,7 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
         state["reused"] = compiled is not None
         if compiled is None:
             state["cluster"] = parsed
-            compiled = stage("compile", lambda: _compile(key, parsed, node, options))
+            compiled = stage("compile", lambda: _compile(key, parsed, node, plane, options))
             if last is not None and key[0] is not None:
                 last.compiled = compiled
         else:
@@ -274,32 +235,37 @@ def _run_cycle(fetch, kernel, node, dry_run, problem_log, conntrack_cleanup, las
         state["cluster"], state["desired"] = cluster, desired
         if problem_log is not None:
             problem_log.update(compiled.problems)
-        current = stage("read", kernel.read)
+        current = stage("read", plane.read)
         state["kernel"] = current
-        the_plan = stage("diff", lambda: planner.diff(desired, current))
+        the_plan = stage("diff", lambda: plane.diff(desired, current))
         state["plan"] = the_plan
         stats = None
         if not dry_run and not the_plan.empty:
-            stats = stage("apply", lambda: kernel.apply(the_plan))
-            if conntrack_cleanup and may_narrow(the_plan, desired):
-                _cut_refused_connections(kernel, cluster, node, seconds)
+            stats = stage("apply", lambda: plane.apply(the_plan))
+            if conntrack_cleanup and plane.may_narrow(the_plan, desired):
+                _cut_refused_connections(plane, cluster, node, seconds)
+        if not dry_run:
+            plane.settle()
     except StageError as err:
-        report = _report(False, seconds, state, node, failed_stage=err.stage, error=str(err.cause))
+        report = _report(False, seconds, state, node, failed_stage=err.stage, error=str(err.cause),
+                         plane=plane)
         logs.get().error(f"cycle failed in {err.stage}: {err.cause}",
                          extra={"event": "cycle-error", "stage": err.stage,
                                 "seconds": _rounded(seconds)})
         return report
-    report = _report(True, seconds, state, node, applied=stats is not None, stats=stats)
+    report = _report(True, seconds, state, node, applied=stats is not None, stats=stats,
+                     plane=plane)
     _log_cycle(report, dry_run)
     return report
 
 
-def _compile(key: tuple, cluster: Cluster, node: str,
+def _compile(key: tuple, cluster: Cluster, node: str, plane,
              options: "compiler.CompileOptions" = compiler.DEFAULT_OPTIONS) -> Compiled:
-    """The node's desired state and the problems compiling finds, on one
-    index of the cluster shared by both."""
+    """The node's desired state in the dataplane's terms and the problems
+    compiling finds, on one index of the cluster shared by both."""
     index = ClusterIndex(cluster)
-    desired = only_families(compiler.compile_node(cluster, node, index, options), key[2])
+    intent = intent_families(compiler.intend_node(cluster, node, index, options), key[2])
+    desired = plane.render(intent)
     problems = cluster.problems + compiler.named_port_problems(cluster, index)
     return Compiled(key, cluster, desired, problems)
 
@@ -323,7 +289,7 @@ def _report(ok, seconds, state, node, **kw) -> CycleReport:
     api_requests, api_bytes = state.get("api_cost", (0, 0))
     return CycleReport(
         ok=ok, seconds=dict(seconds),
-        counts=count(cluster, desired, node) if cluster and desired else Counts(),
+        counts=count(cluster, desired, node, kw.get("plane")) if cluster and desired else Counts(),
         plan=state.get("plan"),
         failed_stage=kw.get("failed_stage"), error=kw.get("error"),
         applied=kw.get("applied", False), apply_stats=kw.get("stats"),

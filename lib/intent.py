@@ -82,6 +82,13 @@ class FilterRule:
     match: Match
     verdict: Verdict
     text: str = ""                   # what the rule stands for: "x/web ingress[0] ports[1]"
+    subject: str = ""                # the one pod the rule is for, when only that makes it
+                                     # the pod's own ("x/web" of "x/web reject"); a renderer
+                                     # that shares chains between pods may leave it out
+
+    @property
+    def full_text(self) -> str:
+        return f"{self.subject} {self.text}" if self.subject else self.text
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,13 @@ def render_rule(rule: FilterRule, family: int) -> list[Rule]:
         if rule.match.protocol in (None, "tcp"):
             tcp = replace(rule.match, protocol="tcp")
             out.append(Rule(match_args(tcp) + ("-j", "REJECT", "--reject-with", "tcp-reset"),
-                            rule.text))
+                            rule.full_text))
         if rule.match.protocol != "tcp":
             out.append(Rule(match_args(rule.match) + ("-j", "REJECT", "--reject-with",
-                                                      _UNREACHABLE[family]), rule.text))
+                                                      _UNREACHABLE[family]), rule.full_text))
         return out
     if v.kind == LOG:
-        return [Rule(match_args(rule.match) + log_args(v.log), rule.text)]
+        return [Rule(match_args(rule.match) + log_args(v.log), rule.full_text)]
     if v.kind == RETURN:
         target = ("-j", "RETURN")
     elif v.kind == JUMP:
@@ -83,7 +83,7 @@ def render_rule(rule: FilterRule, family: int) -> list[Rule]:
     else:
         assert v.kind == GOTO
         target = ("-g", v.chain)
-    return [Rule(match_args(rule.match) + target, rule.text)]
+    return [Rule(match_args(rule.match) + target, rule.full_text)]
 
 
 class _Renderer:

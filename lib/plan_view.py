@@ -224,16 +224,20 @@ def render_view(view: dict, color: bool = False, max_members: int = MAX_MEMBERS)
     return "\n".join(lines) + "\n"
 
 
-def summary(plan: Plan) -> str:
+_WORDS = {"chain-add": "chain{} added", "chain-rewrite": "chain{} rewritten",
+          "chain-delete": "chain{} deleted", "hook": "hook change{}",
+          "set-create": "set{} created", "set-members": "set{} updated",
+          "set-destroy": "set{} destroyed"}
+
+
+def summary(plan, words: dict = _WORDS) -> str:
+    """One line: the changes pending by kind (`words`: kind -> phrase, `{}`
+    where a plural s goes), and how many are drift."""
     if plan.empty:
         return "in sync: nothing to change"
     counts: dict[str, int] = {}
     for change in plan.changes:
         counts[change.kind] = counts.get(change.kind, 0) + 1
-    words = {"chain-add": "chain{} added", "chain-rewrite": "chain{} rewritten",
-             "chain-delete": "chain{} deleted", "hook": "hook change{}",
-             "set-create": "set{} created", "set-members": "set{} updated",
-             "set-destroy": "set{} destroyed"}
     parts = [f"{n} " + words[k].format("s" if n > 1 else "") for k, n in counts.items()]
     total = len(plan.changes)
     text = f"{total} change{'s' if total != 1 else ''} pending: " + ", ".join(parts)

@@ -9,7 +9,8 @@ import pytest
 
 from lib import plan as planner
 from lib.compile import compile_node
-from lib.cycle import LastCompiled, fingerprint, may_narrow, run_cycle
+from lib.cycle import LastCompiled, fingerprint, run_cycle
+from lib.dataplane import iptables_may_narrow as may_narrow
 from lib.kubeapi import ClusterObjects
 from lib.loop import Stopped
 from lib.ruleset import HASH_NET, Chain, DesiredState, FamilyState, IpSet, Rule

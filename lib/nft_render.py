@@ -1,0 +1,258 @@
+"""A node's intent in nftables terms: our own table, per-pod dispatch by
+verdict map, pod chains shared by content, peers as native sets.
+
+Layout (docs/design.md draws it):
+  kpm-forward, kpm-input       base chains, hooks forward and input, policy
+                               accept: they only refuse, and a packet they
+                               let through still meets every other table
+  kpm-forward4 / kpm-input4    per family: replies first, then the dispatch
+  (6 for IPv6)                 (`ip saddr vmap @kpm-egress4`, `ip daddr vmap
+                               @kpm-ingress4`), then the new-pod tails
+  kpm-i4-<hash>, kpm-e4-<hash> pod chains named by their rules, so pods with
+                               the same policies share one chain and the
+                               rule count does not grow with local pods
+  kpm-ni4-/kpm-ne4-<hash>      a pod's NetworkPolicy tier, when a Pass goes there
+  kpm-n4-<hash>, kpm-p4-<hash> address sets (interval) and (address . protocol
+                               . port) sets, the iptables dataplane's ipsets
+                               under lower-case names
+
+Every statement is built in one fixed order and every chain is named by a
+hash of its content: a chain that does not change keeps its name and is
+never rewritten, and a pod moving to other policies only changes its map
+element.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+from lib import compile as compiler
+from lib.intent import (GOTO, JUMP, LOG, LOG_TARGET, REJECT, RETURN, FamilyIntent,
+                        FilterRule, Match, NodeIntent)
+from lib.model import EGRESS
+from lib.nft_state import (ADDR, ADDR_PROTO_PORT, FORWARD, INPUT, NAME_PREFIX, AddressSet,
+                           BaseHook, Chain, Rule, Table, VerdictMap, address_element,
+                           interval_elements, network_text, port_element, tagged)
+from lib.ruleset import HASH_NET, IpSet, short_hash
+
+IP = {4: "ip", 6: "ip6"}
+NFPROTO = {4: "ipv4", 6: "ipv6"}
+BASE = {FORWARD: BaseHook("forward"), INPUT: BaseHook("input")}
+
+# Intent chain prefix -> nft kind; a chain of these kinds is named by its content.
+_CONTENT_KINDS = ((compiler.INGRESS_TIER_PREFIX, "ni"), (compiler.EGRESS_TIER_PREFIX, "ne"),
+                  (compiler.INGRESS_CHAIN_PREFIX, "i"), (compiler.EGRESS_CHAIN_PREFIX, "e"))
+_FIXED = {compiler.LOCAL_SRC_CHAIN: "localsrc", compiler.LOCAL_DST_CHAIN: "localdst",
+          compiler.UNKNOWN_CHAIN: "unknown"}
+
+
+def set_name(ipset_name: str) -> str:
+    """The nft name of one of the intent's sets (`KPM-N4-...` -> `kpm-n4-...`)."""
+    return ipset_name.lower()
+
+
+def forward_chain(family: int) -> str:
+    return f"{FORWARD}{family}"
+
+
+def input_chain(family: int) -> str:
+    return f"{INPUT}{family}"
+
+
+def dispatch_map(direction: str, family: int) -> str:
+    return f"{NAME_PREFIX}{'egress' if direction == EGRESS else 'ingress'}{family}"
+
+
+def render_set(s: IpSet) -> AddressSet:
+    if s.kind == HASH_NET:
+        return AddressSet(set_name(s.name), ADDR[s.family], True, interval_elements(s.members))
+    return AddressSet(set_name(s.name), ADDR_PROTO_PORT[s.family], False,
+                      frozenset(port_element(m) for m in s.members))
+
+
+def _net(text: str) -> str:
+    return network_text(ipaddress.ip_network(text, strict=False))
+
+
+def match_statement(m: Match, family: int) -> str:
+    ip = IP[family]
+    out: list[str] = []
+    if m.in_loopback:
+        out.append('iifname "lo"')
+    if m.src_net is not None:
+        out.append(f"{ip} saddr {_net(m.src_net)}")
+    if m.dst_net is not None:
+        out.append(f"{ip} daddr {_net(m.dst_net)}")
+    if m.established:
+        out.append("ct state established,related")
+    if m.src_set is not None:
+        out.append(f"{ip} saddr @{set_name(m.src_set)}")
+    if m.dst_set is not None:
+        out.append(f"{ip} daddr @{set_name(m.dst_set)}")
+    if m.dst_port_set is not None:
+        out.append(f"{ip} daddr . meta l4proto . th dport @{set_name(m.dst_port_set)}")
+    if m.protocol is not None:
+        if m.dports is not None:
+            first, last = m.dports
+            out.append(f"{m.protocol} dport {first if first == last else f'{first}-{last}'}")
+        else:
+            out.append(f"meta l4proto {m.protocol}")
+    if m.icmpv6_type is not None:
+        out.append(f"icmpv6 type {m.icmpv6_type}")
+    return " ".join(out)
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+class _FamilyRenderer:
+    """One family's chains. Chains are named by their content, so a chain
+    is rendered after every chain it jumps to: their names are part of it."""
+
+    def __init__(self, fi: FamilyIntent):
+        self.family = fi.family
+        self.intent = {c.name: c for c in fi.chains}
+        self.names: dict[str, str] = {}           # intent chain -> nft chain
+        self.chains: dict[str, Chain] = {}        # nft name -> chain
+        self.sets: list[AddressSet] = []          # listed-address sets made while folding
+
+    def target(self, name: str) -> str:
+        hit = self.names.get(name)
+        if hit is None:
+            chain = self.intent.get(name)
+            if chain is None:
+                raise ValueError(f"intent: a rule jumps to chain {name}, which it does not hold")
+            rules = self.rules(chain.rules, name)
+            hit = self.names[name] = self._name(name, rules)
+            self.chains.setdefault(hit, Chain(hit, rules))
+        return hit
+
+    def _name(self, name: str, rules: tuple[Rule, ...]) -> str:
+        if name in _FIXED:
+            return f"{NAME_PREFIX}{_FIXED[name]}{self.family}"
+        kind = next((k for prefix, k in _CONTENT_KINDS if name.startswith(prefix)), "c")
+        digest = short_hash(*(part for r in rules for part in (r.statement, r.comment or "")))
+        return f"{NAME_PREFIX}{kind}{self.family}-{digest}"
+
+    def verdict(self, rule: FilterRule) -> list[str]:
+        v = rule.verdict
+        if v.kind == RETURN:
+            return [match_statement(rule.match, self.family) + " return"]
+        if v.kind in (JUMP, GOTO):
+            return [_join(match_statement(rule.match, self.family), f"{v.kind} {self.target(v.chain)}")]
+        if v.kind == LOG:
+            limit = f"limit rate {v.log.rate}/minute burst {v.log.burst} packets"
+            log = f'log prefix "{v.log.prefix}"'
+            if v.log.target != LOG_TARGET:
+                log += f" group {v.log.group}"
+            return [_join(match_statement(rule.match, self.family), limit, log)]
+        assert v.kind == REJECT
+        out = []
+        if rule.match.protocol in (None, "tcp"):
+            tcp = match_statement(replace(rule.match, protocol="tcp"), self.family)
+            out.append(f"{tcp} reject with tcp reset")
+        if rule.match.protocol != "tcp":
+            out.append(_join(match_statement(rule.match, self.family),
+                             "reject with icmpx port-unreachable"))
+        return out
+
+    def rules(self, rules, chain: str = "") -> tuple[Rule, ...]:
+        out: list[Rule] = []
+        run: list[FilterRule] = []
+
+        def flush():
+            if run:
+                out.extend(self._listed(chain, run))
+                run.clear()
+
+        for rule in rules:
+            if _listable(rule) and (not run or _side(run[0]) == _side(rule)):
+                run.append(rule)
+                continue
+            flush()
+            if _listable(rule):
+                run.append(rule)
+                continue
+            out.extend(tagged(s, rule.text) for s in self.verdict(rule))
+        flush()
+        return tuple(out)
+
+    def _listed(self, chain: str, run: list[FilterRule]) -> list[Rule]:
+        """Host addresses that return, one rule each in the intent (the
+        known pods of the new-pod chains), as one set: the rule stays one
+        whatever the number of pods."""
+        side = _side(run[0])
+        name = f"{NAME_PREFIX}h{self.family}-{short_hash(chain, side, str(len(self.sets)))}"
+        addresses = [(r.match.src_net or r.match.dst_net).split("/")[0] for r in run]
+        self.sets.append(AddressSet(name, ADDR[self.family], False,
+                                    frozenset(address_element(a) for a in addresses)))
+        where = "saddr" if side == "src" else "daddr"
+        return [tagged(f"{IP[self.family]} {where} @{name} return", f"listed {side} addresses")]
+
+
+def _host(net: str) -> bool:
+    return net.endswith("/32") or net.endswith("/128")
+
+
+def _listable(rule: FilterRule) -> bool:
+    m = rule.match
+    if rule.verdict.kind != RETURN:
+        return False
+    if m == Match(src_net=m.src_net) and m.src_net is not None:
+        return _host(m.src_net)
+    if m == Match(dst_net=m.dst_net) and m.dst_net is not None:
+        return _host(m.dst_net)
+    return False
+
+
+def _side(rule: FilterRule) -> str:
+    return "src" if rule.match.src_net is not None else "dst"
+
+
+def render_family(fi: FamilyIntent) -> tuple[list[Chain], list[AddressSet], list[VerdictMap]]:
+    """Nothing for a family the node does not hold (an empty intent)."""
+    if not (fi.head or fi.dispatch or fi.chains or fi.forward_tail or fi.input_tail):
+        return [], [], []
+    f = fi.family
+    r = _FamilyRenderer(fi)
+    maps = {}
+    for direction in (EGRESS, "ingress"):
+        elements: dict[str, str] = {}
+        for d in fi.dispatch:
+            if (d.direction == EGRESS) == (direction == EGRESS):
+                # Two pods with one address: the first keeps it, as the first
+                # matching dispatch rule would.
+                elements.setdefault(address_element(d.address), f"jump {r.target(d.chain)}")
+        name = dispatch_map(direction, f)
+        maps[direction] = VerdictMap(name, ADDR[f], False, elements)
+    head = r.rules(fi.head, "head")
+    egress = tagged(f"{IP[f]} saddr vmap @{maps[EGRESS].name}", "egress dispatch")
+    ingress = tagged(f"{IP[f]} daddr vmap @{maps['ingress'].name}", "ingress dispatch")
+    forward = head + (egress, ingress) + r.rules(fi.forward_tail, "forward")
+    inputs = head + (egress,) + r.rules(fi.input_tail, "input")
+    chains = list(r.chains.values())
+    chains += [Chain(forward_chain(f), forward), Chain(input_chain(f), inputs)]
+    return chains, r.sets, list(maps.values())
+
+
+def render(intent: NodeIntent) -> Table:
+    chains: list[Chain] = []
+    sets = [render_set(s) for s in intent.sets]
+    maps: list[VerdictMap] = []
+    into = {FORWARD: [], INPUT: []}
+    for fi in (intent.v4, intent.v6):
+        c, s, m = render_family(fi)
+        if not c:
+            continue
+        chains += c
+        sets += s
+        maps += m
+        into[FORWARD].append(tagged(f"meta nfproto {NFPROTO[fi.family]} jump {forward_chain(fi.family)}",
+                                    f"IPv{fi.family}"))
+        into[INPUT].append(tagged(f"meta nfproto {NFPROTO[fi.family]} jump {input_chain(fi.family)}",
+                                  f"IPv{fi.family}"))
+    chains += [Chain(name, tuple(rules), BASE[name]) for name, rules in into.items()]
+    return Table(tuple(sorted(chains, key=lambda c: c.name)),
+                 tuple(sorted(sets, key=lambda s: s.name)),
+                 tuple(sorted(maps, key=lambda m: m.name)))

@@ -8,6 +8,7 @@ FROM python:3.11-slim-bookworm
 
 # Both iptables backends come with Debian's iptables package
 # (iptables-nft-* and iptables-legacy-*); the program picks one per node.
+# nftables brings `nft` for the native dataplane (--dataplane nftables).
 # Versions are Debian 12's: when a Debian update replaces one, the build
 # fails here on purpose, and the pin moves after the tests pass on the new one.
 # No kmod: the kernel loads netfilter modules by itself (see deploy/daemonset.yaml).
@@ -16,6 +17,7 @@ RUN apt-get update \
         iptables=1.8.9-2 \
         ipset=7.17-1 \
         conntrack=1:1.4.7-1+b2 \
+        nftables=1.0.6-2+deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -1,8 +1,16 @@
-"""Turn the cluster's NetworkPolicies into the filter state of one node.
+"""Turn the cluster's policies into what one node must enforce (lib.intent),
+for either dataplane to render.
 
 The layout (top chains, one chain per isolated local pod, peer sets) is the
 one of docs/design.md. Peer sets are named by their content so that editing
 a policy never changes the members of a set an older rule still uses.
+
+A pod's chain holds the tiers in order: the AdminNetworkPolicies selecting
+it (by priority; the first rule that matches decides: Allow returns, Deny
+refuses, Pass goes to the next tier), then its NetworkPolicies or, where
+none selects it, the BaselineAdminNetworkPolicy; what nothing decides is
+allowed. A Pass jumps into a chain of the pod's NetworkPolicy tier only
+when one is needed.
 
 Two opt-in additions, chosen with CompileOptions:
 

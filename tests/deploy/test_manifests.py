@@ -503,7 +503,7 @@ def apt_pins() -> dict[str, str]:
 
 
 def test_dockerfile_installs_the_netfilter_tools_pinned():
-    assert set(apt_pins()) == {"iptables", "ipset", "conntrack"}
+    assert set(apt_pins()) == {"iptables", "ipset", "conntrack", "nftables"}
 
 
 def test_image_tools_are_the_versions_the_kernel_tests_run():

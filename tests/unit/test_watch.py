@@ -450,7 +450,9 @@ def test_the_admin_api_served_later_is_picked_up_and_dropped_when_removed(serve,
         trigger.take()
 
         api.set_admin_api(True)
-        got = eventually(lambda: (lambda s: s if s.admin_served else None)(cache.snapshot()))
+        # each kind is listed by its own cache: served may be seen before the list
+        got = eventually(lambda: (lambda s: s if s.admin_served and s.admin_policies and s.nodes
+                                  else None)(cache.snapshot()))
         assert names(got.admin_policies) == ["a"] and got.baseline_policies == []
         assert names(got.nodes) == ["node-1"] and got.nodes[0]["status"] == NODES_0[0]["status"]
         assert trigger.pending is not None

@@ -40,7 +40,7 @@ def names(items):
     return [item["metadata"]["name"] for item in items]
 
 
-def eventually(check, timeout=2.0):
+def eventually(check, timeout=5.0):
     """Poll `check` until it returns a true value; that value, or fail."""
     deadline = time.monotonic() + timeout
     while True:

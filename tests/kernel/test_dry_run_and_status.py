@@ -109,7 +109,7 @@ def test_status_table_before_and_after_applying(node):
         ["x/web", "isolated", "-", "1", "6", "2", "in", "sync"],
     ]
     assert rows[5].startswith("node node-1: 2 policies, 3 local pods, ")
-    assert rows[5].endswith(f"; kernel in sync; backend {node.backend}, IPv4+IPv6")
+    assert rows[5].endswith(f"; kernel in sync; dataplane iptables (backend {node.backend}), IPv4+IPv6")
     assert snapshot != node.snapshot()
 
     iptables(node, "-F", DB_OUT)

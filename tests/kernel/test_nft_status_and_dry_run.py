@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from tests.kernel.node import Node, namespace, pod, policy, wait_for
+from tests.kernel.node import Node, wait_for
+from tests.kernel.test_dry_run_and_status import three_pods
 from tests.kernel.test_reconcile import add_foreign_rules
 
 NFT = ("--dataplane", "nftables")
@@ -21,25 +22,10 @@ FOREIGN_TABLE = """table inet other {
 }
 """
 
-WEB = policy("x", "web", {
-    "podSelector": {"matchLabels": {"app": "web"}},
-    "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
-                 "ports": [{"port": 80}]}],
-})
-DB_NO_EGRESS = policy("x", "db-no-egress", {
-    "podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Egress"]})
-
-
 @pytest.fixture
 def node(netns):
     n = Node(netns, backend="nft")
-    n.api.set_state(
-        namespaces=[namespace("x")],
-        pods=[pod("x", "web", "10.244.1.10", labels={"app": "web"}, ipv6="fd00:10:244:1::10"),
-              pod("x", "db", "10.244.1.11", labels={"app": "db"}),
-              pod("x", "free", "10.244.1.12"),
-              pod("x", "client", "10.244.2.10", node="node-2", labels={"role": "client"})],
-        policies=[WEB, DB_NO_EGRESS])
+    three_pods(n)
     yield n
     n.close()
 

@@ -3,15 +3,20 @@ listed it (fixtures/nft_status, made by make_fixtures.sh)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from lib import nft_plan
+from lib.compile import intend_node
+from lib.cycle import intent_families
 from lib.nft_parse import parse
+from lib.nft_render import render
 from lib.nft_state import ABSENT
 from lib.nft_status import node_status
 from lib.status import DIFFERS, IN_SYNC, MISSING, STALE, render_table
+from tests.unit.builders import pod
 from tests.unit.fixtures.nft_status.node_table import (CLUSTER, DB_OUT4, DESIRED, LOCAL4, NODE,
-                                                      PLAIN, WEB_IN4, WEB_IN6)
+                                                      OPTIONS, PLAIN, WEB_IN4, WEB_IN6)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nft_status"
 
@@ -124,9 +129,8 @@ def test_a_pod_dispatched_but_no_longer_isolated_is_stale():
     current = kernel("table")
     vmap = current.map_map()["kpm-egress4"]
     extra = {**vmap.elements, "10.244.1.12": f"jump {DB_OUT4}"}
-    current = current.__class__(current.chains, current.sets, tuple(
-        m if m.name != "kpm-egress4" else m.__class__(m.name, m.key, m.interval, extra)
-        for m in current.maps))
+    current = replace(current, maps=tuple(
+        replace(m, elements=extra) if m.name == "kpm-egress4" else m for m in current.maps))
     s = node_status(CLUSTER, DESIRED, current, nft_plan.diff(DESIRED, current), NODE)
     free = pods(s)["x/free"]
     assert free.state == DIFFERS
@@ -153,13 +157,38 @@ def test_the_table_says_its_dataplane_and_the_document_its_fields():
 
 
 def test_a_node_without_ipv6_checks_ipv4_only():
-    from lib.cycle import intent_families
-    from lib.compile import intend_node
-    from lib.nft_render import render
-    from tests.unit.fixtures.nft_status.node_table import OPTIONS
     v4 = render(intent_families(intend_node(CLUSTER, NODE, options=OPTIONS), (4,)))
     current = kernel("table")
     s = node_status(CLUSTER, v4, current, nft_plan.diff(v4, current), NODE, (4,))
     web = pods(s)["x/web"]
     assert {c.family for c in web.chains} == {4} and web.state == IN_SYNC
     assert s.families == (4,) and "IPv4+" not in render_table(s)
+
+
+def test_a_peer_set_that_lost_an_element_makes_its_pods_differ():
+    current = kernel("table")
+    web = pods(status("table"))["x/web"]
+    name = next(n for n in web.sets if n.startswith("kpm-n4-"))
+    current = replace(current, sets=tuple(
+        replace(s, elements=frozenset()) if s.name == name else s for s in current.sets))
+    s = node_status(CLUSTER, DESIRED, current, nft_plan.diff(DESIRED, current), NODE)
+    web = pods(s)["x/web"]
+    assert web.state == DIFFERS
+    assert any(r.endswith(f"differs, set {name} members differ") for r in web.reasons)
+    assert s.node_changes == ()              # the set is one of x/web's
+
+
+def test_pods_known_through_a_merged_interval_of_the_known_pods_set():
+    c = replace(CLUSTER, pods=CLUSTER.pods + (pod("x/free2", NODE, "10.244.1.13"),))
+    desired = render(intend_node(c, NODE, options=OPTIONS))
+    local = next(s for s in desired.sets if s.name.startswith("kpm-l4-"))
+    assert local.elements == frozenset({"10.244.1.12/31"})     # .12 and .13, merged
+    s = node_status(c, desired, desired, nft_plan.diff(desired, desired), NODE)
+    assert {p.pod: p.known for p in s.pods if p.pod.startswith("x/free")} == {
+        "x/free": True, "x/free2": True}
+    current = replace(desired, sets=tuple(
+        replace(x, elements=frozenset({"10.244.1.12"})) if x.name == local.name else x
+        for x in desired.sets))
+    s = node_status(c, desired, current, nft_plan.diff(desired, current), NODE)
+    assert {p.pod: p.known for p in s.pods if p.pod.startswith("x/free")} == {
+        "x/free": True, "x/free2": False}

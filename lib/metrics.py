@@ -34,9 +34,9 @@ class Metrics:
         self.admin_policies = Gauge(f"{NS}_admin_policies", "AdminNetworkPolicies in the cluster, "
                                     "and the BaselineAdminNetworkPolicy.", registry=r)
         self.local_pods = Gauge(f"{NS}_local_pods", "Pods on this node (not host-network).", registry=r)
-        self.rules = Gauge(f"{NS}_rules", "iptables rules owned, both families.", registry=r)
-        self.sets = Gauge(f"{NS}_ipsets", "ipsets owned.", registry=r)
-        self.set_members = Gauge(f"{NS}_ipset_members", "Members of the owned ipsets.", registry=r)
+        self.rules = Gauge(f"{NS}_rules", "Rules owned, both families (iptables rules, or nft rules of our table).", registry=r)
+        self.sets = Gauge(f"{NS}_ipsets", "Sets owned (ipsets, or the sets of our nft table).", registry=r)
+        self.set_members = Gauge(f"{NS}_ipset_members", "Members of the owned sets.", registry=r)
         self.invalid_objects = Gauge(f"{NS}_invalid_object_problems",
                                      "Problems found in API objects in the last cycle.", registry=r)
         self.kernel_writes = Counter(f"{NS}_kernel_writes_total",
@@ -72,6 +72,7 @@ class Metrics:
         if stats is not None:
             self.kernel_writes.labels("iptables").inc(getattr(stats, "iptables_lines", 0))
             self.kernel_writes.labels("ipset").inc(getattr(stats, "ipset_lines", 0))
+            self.kernel_writes.labels("nft").inc(getattr(stats, "nft_lines", 0))
         now = self.clock()
         self.last_success.set(now)
         self._last_ok = now

@@ -10,6 +10,11 @@ in the known-pods set), or all its traffic is refused: that is checked too.
 What the node should hold depends on the compile options the daemon runs
 with (drop logging adds a rule to pod chains, new-pod isolation adds
 chains and a set), so the caller compiles with the same options.
+
+This module checks the iptables dataplane; lib/nft_status.py checks the
+nftables one. Both take the per-pod facts that do not depend on the
+dataplane (isolation, policies, admin policies: `local_pods`) and build
+their rows and the node's summary with `pod_status` and `assemble`.
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ from typing import Optional
 from lib.compile import (FORWARD_CHAIN, INPUT_CHAIN, LOCAL_DST_CHAIN, LOCAL_SRC_CHAIN,
                          UNKNOWN_CHAIN, local_set_name, np_tier_chain_name, pod_chain_name)
 from lib.cycle import count
-from lib.model import EGRESS, INGRESS, Cluster, Pod
+from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Pod
 from lib.plan import Change, KernelState, Plan, TableState
 from lib.ruleset import FAMILIES, Chain, DesiredState
 from lib.selectors import ClusterIndex
 from lib.terminal import paint, printable
 
 IN_SYNC, DIFFERS, MISSING, STALE = "in sync", "differs", "missing", "stale"
+IPTABLES, NFTABLES = "iptables", "nftables"      # the dataplanes (lib.dataplane's names)
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class PodStatus:
 @dataclass(frozen=True)
 class NodeStatus:
     node: str
-    backend: str
+    backend: Optional[str]      # the iptables backend (nft, legacy); None on the nftables dataplane
     families: tuple[int, ...]
     policies: int
     local_pods: int
@@ -69,6 +75,7 @@ class NodeStatus:
     drift: int
     pods: tuple[PodStatus, ...] = ()
     node_changes: tuple[Change, ...] = ()   # pending changes that are no pod's chain or set
+    dataplane: str = IPTABLES
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -176,9 +183,71 @@ def _unknown_reasons(pod: Pod, r: _Recognition) -> list[str]:
 
 
 def _describe(change: Change) -> str:
-    text = f"{change.kind} {change.name} (IPv{change.family})"
+    text = f"{change.kind} {change.name}" + (f" (IPv{change.family})" if change.family else "")
     text += f": {change.detail}" if change.detail else ""
     return text + (" DRIFT" if change.drift else "")
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What the cluster says of one local pod, whatever the dataplane."""
+    pod: Pod
+    policies: tuple[NetworkPolicy, ...]     # selecting it, either direction
+    admin: tuple                            # admin policies selecting it, in evaluation order
+
+
+def local_pods(cluster: Cluster, node: str, index: ClusterIndex) -> list[PodFacts]:
+    """The node's pods (not host-network), in pod order, with their policies."""
+    out = []
+    for pod in index.pods:
+        if pod.node != node:
+            continue
+        admin = [a for a in cluster.admin_policies if index.admin_selects(a, pod)]
+        if cluster.baseline is not None and index.admin_selects(cluster.baseline, pod):
+            admin.append(cluster.baseline)
+        out.append(PodFacts(pod, tuple(index.policies_for(pod)), tuple(admin)))
+    return out
+
+
+def pod_status(facts: PodFacts, chains: list[ChainStatus], sets: set[str],
+               unknown_reasons: list[str], checked: bool) -> PodStatus:
+    """One row: missing when a chain is, differs when any chain is not in
+    sync or the kernel would not recognise the pod (`checked`: new-pod
+    isolation applies to one of its families)."""
+    states = {c.state for c in chains}
+    state = MISSING if MISSING in states else IN_SYNC if states <= {IN_SYNC} else DIFFERS
+    if state == IN_SYNC and unknown_reasons:
+        state = DIFFERS
+    reasons = tuple(f"{c.name} (IPv{c.family} {c.direction}): {c.state}"
+                    + (f", {c.reason}" if c.reason else "")
+                    for c in chains if c.state != IN_SYNC) + tuple(unknown_reasons)
+    pod, policies = facts.pod, facts.policies
+    return PodStatus(
+        pod=pod.key, ips=pod.ips,
+        ingress_isolated=any(INGRESS in p.policy_types for p in policies),
+        egress_isolated=any(EGRESS in p.policy_types for p in policies),
+        policies=tuple(p.key for p in policies),
+        admin_policies=tuple(a.key for a in facts.admin),
+        rules=sum(c.rules for c in chains), sets=tuple(sorted(sets)),
+        chains=tuple(chains), state=state, reasons=reasons,
+        known=not unknown_reasons if checked else None)
+
+
+def assemble(cluster: Cluster, desired, plan, node: str, backend: Optional[str],
+             families: tuple[int, ...], pods: list[PodStatus], reported: set[str],
+             dataplane: str = IPTABLES, plane=None) -> NodeStatus:
+    """The node's status from its pod rows; `reported` names the chains,
+    sets and maps the rows account for, the plan's other changes are the
+    node's. `plane` counts `desired` (lib.dataplane; None: iptables)."""
+    counts = count(cluster, desired, node, plane)
+    return NodeStatus(
+        node=node, backend=backend, families=tuple(families),
+        policies=counts.policies, local_pods=counts.local_pods, rules=counts.rules,
+        sets=counts.sets, set_members=counts.set_members,
+        in_sync=plan.empty, changes=len(plan.changes),
+        drift=sum(1 for c in plan.changes if c.drift), pods=tuple(pods),
+        node_changes=tuple(c for c in plan.changes if c.name not in reported),
+        dataplane=dataplane)
 
 
 def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, plan: Plan,
@@ -194,13 +263,8 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
                                for f in families) if r is not None]
     pods = []
     reported: set[str] = set()          # chain and set names the pod rows account for
-    for pod in index.pods:
-        if pod.node != node:
-            continue
-        policies = index.policies_for(pod)
-        admin = [a for a in cluster.admin_policies if index.admin_selects(a, pod)]
-        if cluster.baseline is not None and index.admin_selects(cluster.baseline, pod):
-            admin.append(cluster.baseline)
+    for facts in local_pods(cluster, node, index):
+        pod = facts.pod
         chains: list[ChainStatus] = []
         sets: set[str] = set()
         for family in families:
@@ -218,32 +282,10 @@ def node_status(cluster: Cluster, desired: DesiredState, kernel: KernelState, pl
                                                 tops[family], kernel))
         checked = [r for r in recognition if any((":" in ip) == (r.family == 6) for ip in pod.ips)]
         unknown_reasons = [why for r in checked for why in _unknown_reasons(pod, r)]
-        states = {c.state for c in chains}
-        state = MISSING if MISSING in states else IN_SYNC if states <= {IN_SYNC} else DIFFERS
-        if state == IN_SYNC and unknown_reasons:
-            state = DIFFERS
-        reasons = tuple(f"{c.name} (IPv{c.family} {c.direction}): {c.state}"
-                        + (f", {c.reason}" if c.reason else "")
-                        for c in chains if c.state != IN_SYNC) + tuple(unknown_reasons)
         reported.update(c.name for c in chains)
         reported.update(sets)
-        pods.append(PodStatus(
-            pod=pod.key, ips=pod.ips,
-            ingress_isolated=any(INGRESS in p.policy_types for p in policies),
-            egress_isolated=any(EGRESS in p.policy_types for p in policies),
-            policies=tuple(p.key for p in policies),
-            admin_policies=tuple(a.key for a in admin),
-            rules=sum(c.rules for c in chains), sets=tuple(sorted(sets)),
-            chains=tuple(chains), state=state, reasons=reasons,
-            known=not unknown_reasons if checked else None))
-    counts = count(cluster, desired, node)
-    return NodeStatus(
-        node=node, backend=backend, families=tuple(families),
-        policies=counts.policies, local_pods=counts.local_pods, rules=counts.rules,
-        sets=counts.sets, set_members=counts.set_members,
-        in_sync=plan.empty, changes=len(plan.changes),
-        drift=sum(1 for c in plan.changes if c.drift), pods=tuple(pods),
-        node_changes=tuple(c for c in plan.changes if c.name not in reported))
+        pods.append(pod_status(facts, chains, sets, unknown_reasons, bool(checked)))
+    return assemble(cluster, desired, plan, node, backend, families, pods, reported)
 
 
 def summary(s: NodeStatus) -> str:
@@ -254,8 +296,9 @@ def summary(s: NodeStatus) -> str:
         kernel += f", {s.drift} drift)" if s.drift else ")"
     families = "+".join(f"IPv{f}" for f in s.families)
     members = f"{s.set_members} member{'s' if s.set_members != 1 else ''}"
+    plane = f"dataplane {s.dataplane}" + (f" (backend {s.backend})" if s.backend else "")
     return (f"node {s.node}: {s.policies} policies, {s.local_pods} local pods, {s.rules} rules, "
-            f"{s.sets} sets ({members}); {kernel}; backend {s.backend}, {families}")
+            f"{s.sets} sets ({members}); {kernel}; {plane}, {families}")
 
 
 _COLUMNS = ("POD", "INGRESS", "EGRESS", "POLICIES", "RULES", "SETS", "KERNEL")

@@ -23,9 +23,9 @@ WEB_IN = "KPM-I-" + short_hash("x/web")
 DB_OUT = "KPM-E-" + short_hash("x/db")
 
 
-@pytest.fixture(params=BACKENDS)
-def node(request, netns):
-    n = Node(netns, backend=request.param)
+def three_pods(n: Node) -> None:
+    """x/web (dual-stack, ingress from clients on 80), x/db (no egress) and
+    x/free on this node, x/client on node-2."""
     n.api.set_state(
         namespaces=[namespace("x")],
         pods=[pod("x", "web", "10.244.1.10", labels={"app": "web"}, ipv6="fd00:10:244:1::10"),
@@ -33,6 +33,12 @@ def node(request, netns):
               pod("x", "free", "10.244.1.12"),
               pod("x", "client", "10.244.2.10", node="node-2", labels={"role": "client"})],
         policies=[WEB, DB_NO_EGRESS])
+
+
+@pytest.fixture(params=BACKENDS)
+def node(request, netns):
+    n = Node(netns, backend=request.param)
+    three_pods(n)
     yield n
     n.close()
 
@@ -109,7 +115,7 @@ def test_status_table_before_and_after_applying(node):
         ["x/web", "isolated", "-", "1", "6", "2", "in", "sync"],
     ]
     assert rows[5].startswith("node node-1: 2 policies, 3 local pods, ")
-    assert rows[5].endswith(f"; kernel in sync; backend {node.backend}, IPv4+IPv6")
+    assert rows[5].endswith(f"; kernel in sync; dataplane iptables (backend {node.backend}), IPv4+IPv6")
     assert snapshot != node.snapshot()
 
     iptables(node, "-F", DB_OUT)

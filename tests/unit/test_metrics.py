@@ -87,3 +87,18 @@ def test_metrics_expose_counts_errors_and_stage_times(served):
 
 def test_unknown_path_is_404(served):
     assert get(served[2] + "/nope")[0] == 404
+
+
+def test_kernel_writes_are_counted_per_tool_on_both_dataplanes(served):
+    from dataclasses import replace
+
+    from lib.kernel import ApplyStats
+    m, clock, url = served
+    m.observe(replace(ok_report(), applied=True,
+                      apply_stats=ApplyStats(processes=2, iptables_lines=7, ipset_lines=3)))
+    m.observe(replace(ok_report(), applied=True, apply_stats=ApplyStats(processes=1, nft_lines=12)))
+    m.observe(replace(ok_report(), applied=True, apply_stats=ApplyStats(processes=1, nft_lines=4)))
+    text = get(url + "/metrics")[1]
+    assert 'kpm_kernel_writes_total{tool="iptables"} 7.0' in text
+    assert 'kpm_kernel_writes_total{tool="ipset"} 3.0' in text
+    assert 'kpm_kernel_writes_total{tool="nft"} 16.0' in text

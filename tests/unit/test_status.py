@@ -132,7 +132,7 @@ def test_the_table_and_the_document():
     ]
     assert lines[5] == (f"node n1: 3 policies, 3 local pods, {s.rules} rules, 4 sets "
                         f"({s.set_members} members); kernel out of sync (1 change pending); "
-                        "backend nft, IPv4+IPv6")
+                        "dataplane iptables (backend nft), IPv4+IPv6")
     assert lines[6] == f"  x/db: {pod_chain_name(DB, EGRESS)} (IPv4 egress): missing"
     assert "\x1b" not in text and "\x1b[1;31mmissing\x1b[0m" in render_table(s, color=True)
     doc = json.loads(json.dumps(s.as_dict()))
@@ -145,7 +145,7 @@ def test_the_table_and_the_document():
 
 def test_in_sync_summary():
     text = render_table(status_of(state_of(DESIRED)))
-    assert "; kernel in sync; backend nft, IPv4+IPv6" in text
+    assert "; kernel in sync; dataplane iptables (backend nft), IPv4+IPv6" in text
 
 
 # --- compile options: what the daemon writes beyond the API -------------------------

@@ -134,8 +134,10 @@ def test_a_loop_flags_its_deleted_table_as_drift_and_rebuilds_it(node):
     wait_for(lambda: ours(node) == before, 5, "the table rebuilt")
 
 
-def test_a_loop_applies_a_pod_change(node):
-    daemon = node.start_daemon("--interval", "1", *NFT)
+@pytest.mark.parametrize("mode", [("--interval", "1"), ("--watch", "--interval", "60")],
+                         ids=["poll", "watch"])
+def test_a_loop_applies_a_pod_change(node, mode):
+    daemon = node.start_daemon(*mode, *NFT)
     wait_for(lambda: daemon.status("/readyz") == 200, 20, "the first cycle")
     assert "10.244.1.12" not in ours(node).map_map()["kpm-ingress4"].elements
     small_cluster(node, (WEB_ONLY_FROM_CLIENTS,), (WEB_2,))
@@ -245,3 +247,25 @@ def test_switching_dataplanes_leaves_only_the_new_ones_rules(node):
     assert ours(node) is ABSENT
     assert any("-d 10.244.1.10/32" in l for l in node.owned_chain("KPM-FORWARD"))
     assert ok(node.reconcile("--once", "--dataplane", "iptables"))["changes"] == 0
+
+
+# --- conntrack cleanup -------------------------------------------------------------
+
+def test_conntrack_cleanup_runs_after_narrowing_applies_only(node):
+    """A peer joins next to the one there (10.244.2.11 beside .10): the set's
+    element becomes 10.244.2.10/31, which only allows more, so no cut; it
+    leaves again: cut."""
+    def cleanup_logged(result) -> bool:
+        return any(line.get("event") == "conntrack-cleanup" for line in result.log)
+
+    first = node.reconcile("--once", *NFT)
+    assert ok(first)["applied"] and cleanup_logged(first)      # the table built: may narrow
+    neighbour = pod("y", "client-2", "10.244.2.11", node="node-2", labels={"role": "client"})
+    small_cluster(node, (WEB_ONLY_FROM_CLIENTS,), (neighbour,))
+    joined = node.reconcile("--once", *NFT)
+    assert ok(joined)["changes"] == 1
+    assert "10.244.2.10/31" in ours(node).set_map()[peer_set(ours(node), "10.244.2.10/31")].elements
+    assert not cleanup_logged(joined)
+    small_cluster(node, (WEB_ONLY_FROM_CLIENTS,), ())
+    left = node.reconcile("--once", *NFT)
+    assert ok(left)["changes"] == 1 and cleanup_logged(left)

@@ -242,3 +242,23 @@ def test_a_rule_without_our_comment_is_refused():
                    for c in table.chains)
     with pytest.raises(TraceError):
         Tracer(replace(table, chains=chains), 4)
+
+
+def test_one_address_of_two_pods_meets_both_pods_policies_as_on_iptables():
+    """The API may show a new pod with the address of one not yet gone:
+    the address is under both pods' policies on either dataplane."""
+    from tests.unit.dataplanes import DATAPLANES, node_state, tracer_for
+    c = cluster(NAMESPACES, pod("x/old", NODE, ("10.0.1.5", "fd00:1::5"), {"app": "a"}),
+                pod("x/new", NODE, ("10.0.1.5", "fd00:1::5"), {"app": "b"}),
+                policy("x/a", sel({"app": "a"}), ingress=[rule(None, [pport(80), pport(81)])]),
+                policy("x/b", sel({"app": "b"}), ingress=[rule(None, [pport(81), pport(82)])]))
+    for family, dst in ((4, "10.0.1.5"), (6, "fd00:1::5")):
+        src = "10.0.2.1" if family == 4 else "fd00:2::1"
+        for dataplane in DATAPLANES:
+            t = tracer_for(node_state(dataplane, c, NODE), family)
+            got = [t.verdict("FORWARD", Packet(src, dst, "tcp", p)) for p in (80, 81, 82)]
+            assert got == [REJECT, ALLOW, REJECT], (dataplane, family)
+    table = nft_render.render(intend_node(c, NODE))
+    nft_plan.diff(table, Table(exists=False))
+    (shared,) = set(dispatch(table, "kpm-ingress4").values())
+    assert [r.statement.split()[0] for r in table.chain_map()[shared.split()[1]].rules] == ["jump", "jump"]

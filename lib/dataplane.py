@@ -10,6 +10,7 @@ switch leaves no moment unenforced and nothing behind.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Optional
 
 from lib import iptables_render, logs, nft_plan, nft_plan_view, nft_render
@@ -261,17 +262,29 @@ def _jump(args: tuple) -> Optional[str]:
 
 
 _ADD_ELEMENT = f"add element {nft_plan.FAMILY} {nft_plan.TABLE} "
+_DELETE_ELEMENT = f"delete element {nft_plan.FAMILY} {nft_plan.TABLE} "
 _ADD_SET = f"add set {nft_plan.FAMILY} {nft_plan.TABLE} "
 
 
 def nft_may_narrow(the_plan, desired: Table) -> bool:
     """As iptables_may_narrow, for an nft payload: only set declarations and
     elements added to sets (not to the dispatch maps, which put a pod under
-    policy) whose every user returns on a match."""
+    policy) whose every user returns on a match. An interval set lists
+    adjacent addresses merged (10.0.2.10 and .11 as 10.0.2.10/31), so a
+    peer joining may replace an element by a wider one: a deleted element
+    that the set's new elements cover takes nothing away."""
     maps = {m.name for m in desired.maps}
+    sets = desired.set_map()
     grown = set()
     for line in the_plan.payload.splitlines():
         if line.startswith(_ADD_SET):
+            continue
+        if line.startswith(_DELETE_ELEMENT):
+            name, _, elements = line[len(_DELETE_ELEMENT):].partition(" ")
+            s = sets.get(name)
+            if s is None or not s.interval or not _covered(_element_list(elements), s.elements):
+                return True
+            grown.add(name)
             continue
         if not line.startswith(_ADD_ELEMENT):
             return True
@@ -287,3 +300,30 @@ def nft_may_narrow(the_plan, desired: Table) -> bool:
             if any(w.startswith("@") and w[1:] in grown for w in words):
                 return True
     return False
+
+
+def _element_list(braced: str) -> list[str]:
+    """`{ a, b }` of an element line: its elements."""
+    return [e.strip() for e in braced.strip().strip("{}").split(",") if e.strip()]
+
+
+def _span(element: str) -> tuple[int, int]:
+    """An interval element (address, prefix or `a-b`) as its first and last address."""
+    if "-" in element:
+        first, last = (ipaddress.ip_address(p.strip()) for p in element.split("-"))
+        return int(first), int(last)
+    net = ipaddress.ip_network(element, strict=False)
+    return int(net.network_address), int(net.broadcast_address)
+
+
+def _covered(elements: list[str], by: frozenset) -> bool:
+    """Whether every address of `elements` is in one of the elements `by`
+    (disjoint, as nft holds them; adjacent ones are joined here)."""
+    merged: list[list[int]] = []
+    for first, last in sorted(_span(e) for e in by):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return all(any(a <= first and last <= b for a, b in merged)
+               for first, last in map(_span, elements))

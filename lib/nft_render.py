@@ -128,6 +128,18 @@ class _FamilyRenderer:
             self.chains.setdefault(hit, Chain(hit, rules))
         return hit
 
+    def all_of(self, chains: list[str], direction: str) -> str:
+        """One address, several pods (the API may list a finished pod's
+        address on a new pod before the old one is gone): a chain that
+        jumps to each pod's chain in turn, so that the address meets every
+        pod's policies, as the iptables dataplane's dispatch rules make it."""
+        rules = tuple(tagged(f"jump {c}", "every pod of one address") for c in chains)
+        kind = "e" if direction == EGRESS else "i"
+        digest = short_hash(*(part for r in rules for part in (r.statement, r.comment or "")))
+        name = f"{NAME_PREFIX}{kind}{self.family}-{digest}"
+        self.chains.setdefault(name, Chain(name, rules))
+        return name
+
     def _name(self, name: str, rules: tuple[Rule, ...]) -> str:
         if name in _FIXED:
             return f"{NAME_PREFIX}{_FIXED[name]}{self.family}"
@@ -218,12 +230,14 @@ def render_family(fi: FamilyIntent) -> tuple[list[Chain], list[AddressSet], list
     r = _FamilyRenderer(fi)
     maps = {}
     for direction in (EGRESS, "ingress"):
-        elements: dict[str, str] = {}
+        targets: dict[str, list[str]] = {}
         for d in fi.dispatch:
             if (d.direction == EGRESS) == (direction == EGRESS):
-                # Two pods with one address: the first keeps it, as the first
-                # matching dispatch rule would.
-                elements.setdefault(address_element(d.address), f"jump {r.target(d.chain)}")
+                chains_of = targets.setdefault(address_element(d.address), [])
+                if r.target(d.chain) not in chains_of:
+                    chains_of.append(r.target(d.chain))
+        elements = {a: f"jump {r.all_of(c, direction) if len(c) > 1 else c[0]}"
+                    for a, c in targets.items()}
         name = dispatch_map(direction, f)
         maps[direction] = VerdictMap(name, ADDR[f], False, elements)
     head = r.rules(fi.head, "head")

@@ -2,7 +2,8 @@
 
 Each case quotes the sentence of the policy.networking.k8s.io v1alpha1 API
 reference it checks; the verdicts come from the packet tracer walking every
-node's compiled state (tests/unit/tracer.py), as in test_compile.py.
+node's compiled state (tests/unit/tracer.py, tests/unit/nft_tracer.py), as in
+test_compile.py, on both dataplanes.
 """
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from tests.unit.builders import (NAME_LABEL, a_namespaces, a_networks, a_nodes, 
                                  banp, cluster, named, node, ns_peer, ns_subject, pods_peer,
                                  pods_subject, policy, pport, rule, sel, with_admin)
 from tests.unit.test_compile import NAMESPACES, NODE_IPS, PODS, Expect, Net, mismatches
-from tests.unit.tracer import Packet, Tracer
+from tests.unit.dataplanes import IPTABLES, each_dataplane, node_state, tracer_for
+from tests.unit.tracer import Packet
 
 X = {NAME_LABEL: "x"}
 NODES = [node("n1", NODE_IPS["n1"], role="worker"), node("n2", NODE_IPS["n2"], role="control")]
 
 
-def net(policies=(), admin=(), baseline=None) -> Net:
-    return Net(with_admin(cluster(NAMESPACES, PODS, list(policies)), admin, baseline, NODES))
+def net(policies=(), admin=(), baseline=None, dataplane=IPTABLES) -> Net:
+    return Net(with_admin(cluster(NAMESPACES, PODS, list(policies)), admin, baseline, NODES),
+               dataplane)
 
 
 CASES = {
@@ -211,16 +214,19 @@ CASES = {
 }
 
 
+@each_dataplane
 @pytest.mark.parametrize("name", list(CASES))
-def test_semantics(name):
+def test_semantics(name, dataplane):
     case = CASES[name]
-    n = net(case.get("policies", ()), case.get("admin", ()), case.get("baseline"))
+    n = net(case.get("policies", ()), case.get("admin", ()), case.get("baseline"), dataplane)
     problems = [m for e in case["expect"] for m in mismatches(n, e)]
     assert not problems, "\n".join(problems)
 
 
-def test_replies_of_connections_pass_whatever_the_tiers_say():
-    n = net(admin=[anp("deny", 1, ns_subject(X), ingress=[arule(DENY, [a_namespaces()])])])
+@each_dataplane
+def test_replies_of_connections_pass_whatever_the_tiers_say(dataplane):
+    n = net(admin=[anp("deny", 1, ns_subject(X), ingress=[arule(DENY, [a_namespaces()])])],
+            dataplane=dataplane)
     assert not n.connect("y/a", "x/a")
     assert n.connect("y/a", "x/a", state="ESTABLISHED")
 
@@ -264,10 +270,11 @@ def _name(n: Net, end: str, family: int) -> str:
     return n.ends[end].ip(family) if end.startswith(("node:", "ext")) else end
 
 
+@each_dataplane
 @pytest.mark.parametrize("name", list(CASES))
-def test_explain_agrees_with_the_compiled_rules(name):
+def test_explain_agrees_with_the_compiled_rules(name, dataplane):
     case = CASES[name]
-    n = net(case.get("policies", ()), case.get("admin", ()), case.get("baseline"))
+    n = net(case.get("policies", ()), case.get("admin", ()), case.get("baseline"), dataplane)
     differ = []
     for e in case["expect"]:
         for src, dst in _cells(e):
@@ -299,7 +306,8 @@ def test_explain_names_the_deciding_tier_and_rule():
 # --------------------------------------------------------------------------
 # drop logging names the admin policy that refused
 
-def test_admin_refusals_are_logged_under_the_policy_that_refused():
+@each_dataplane
+def test_admin_refusals_are_logged_under_the_policy_that_refused(dataplane):
     """With the policy's annotation, or --log-drops, each Deny rule logs just
     before it refuses, with a prefix naming the pod and the admin policy;
     allowed packets and refusals of other tiers are logged as before."""
@@ -309,14 +317,14 @@ def test_admin_refusals_are_logged_under_the_policy_that_refused():
     c = with_admin(cluster(NAMESPACES, PODS, [policy("x/deny-b", sel({"app": "b"}), types=[INGRESS])]),
                    [deny], base, NODES)
     for options, banp_logged in ((CompileOptions(), False), (CompileOptions(log_drops=True), True)):
-        t1 = Tracer(compile_node(c, "n1", options=options), 4)
+        t1 = tracer_for(node_state(dataplane, c, "n1", options=options), 4)
         assert t1.verdict("FORWARD", Packet("10.1.0.12", "10.1.0.10", "tcp", 80)) == "reject"
         assert t1.logged == [("NFLOG", "KPM DROP in x/a anp/deny-team-b ")]
         assert t1.verdict("FORWARD", Packet("10.1.0.11", "10.1.0.10", "tcp", 80)) == "reject"
         assert t1.logged == ([("NFLOG", "KPM DROP in x/a banp/default ")] if banp_logged else [])
         assert t1.verdict("FORWARD", Packet("10.2.0.10", "10.1.0.10", "tcp", 80)) == "allow"
         assert t1.logged == []
-        t2 = Tracer(compile_node(c, "n2", options=options), 4)
+        t2 = tracer_for(node_state(dataplane, c, "n2", options=options), 4)
         assert t2.verdict("FORWARD", Packet("10.2.0.12", "10.2.0.10", "tcp", 80)) == "reject"
         assert t2.logged == [("NFLOG", "KPM DROP in x/b anp/deny-team-b ")]
         assert t2.verdict("FORWARD", Packet("10.1.0.10", "10.2.0.10", "tcp", 80)) == "reject"

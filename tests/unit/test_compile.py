@@ -1,7 +1,7 @@
 """The compiled rules, judged by what they do to packets.
 
-Verdicts come from tests/unit/tracer.py walking the compiled state the way
-the kernel would, over the path a packet really takes between nodes: the
+Verdicts come from tests/unit/tracer.py (iptables) and tests/unit/nft_tracer.py
+(nftables) walking the compiled state the way the kernel would, over the path a packet really takes between nodes: the
 source node's FORWARD (or INPUT when it is for the node itself), then the
 destination node's FORWARD (or INPUT), with traffic from a node to its own
 pods unfiltered (OUTPUT is not hooked).
@@ -23,7 +23,8 @@ from lib.ruleset import MAX_CHAIN_NAME, MAX_SET_NAME, DesiredState
 from lib.selectors import ClusterIndex
 from tests.unit.builders import (NAME_LABEL, block, both_peer, cluster, cport, namespace, ns_peer,
                                  pod, pods_peer, policy, pport, req, rule, sel)
-from tests.unit.tracer import ALLOW, Packet, Tracer, TraceError, trace
+from tests.unit.dataplanes import IPTABLES, each_dataplane, node_state, tracer_for
+from tests.unit.tracer import ALLOW, Packet, TraceError, trace
 
 # --------------------------------------------------------------------------
 # the test cluster: two nodes, namespaces x and y (z has pods but no object)
@@ -63,23 +64,25 @@ class End:
 class Net:
     """The compiled state of every node of a cluster, and connections through it."""
 
-    def __init__(self, c: Cluster):
+    def __init__(self, c: Cluster, dataplane: str = IPTABLES):
         self.cluster = c
+        self.dataplane = dataplane
         self.index = ClusterIndex(c)
         self.ends = {p.key: End(p.key, p.ips, p.node, p.host_network) for p in c.pods}
         self.ends.update({f"node:{n}": End(f"node:{n}", ips, n, True) for n, ips in NODE_IPS.items()})
         self.ends["ext"] = End("ext", EXTERNAL, None, False)
-        self._states: dict[str, DesiredState] = {}
-        self._tracers: dict[tuple[str, int], Tracer] = {}
+        self._states: dict = {}
+        self._tracers: dict = {}
 
-    def state(self, node: str) -> DesiredState:
+    def state(self, node: str):
+        """The node's DesiredState (iptables) or Table (nftables)."""
         if node not in self._states:
-            self._states[node] = compile_node(self.cluster, node)
+            self._states[node] = node_state(self.dataplane, self.cluster, node, self.index)
         return self._states[node]
 
-    def tracer(self, node: str, family: int) -> Tracer:
+    def tracer(self, node: str, family: int):
         if (node, family) not in self._tracers:
-            self._tracers[(node, family)] = Tracer(self.state(node), family)
+            self._tracers[(node, family)] = tracer_for(self.state(node), family)
         return self._tracers[(node, family)]
 
     def hops(self, src: End, dst: End) -> list[tuple[str, str]]:
@@ -428,10 +431,11 @@ CASES = {
 }
 
 
+@each_dataplane
 @pytest.mark.parametrize("name", list(CASES))
-def test_semantics(name):
+def test_semantics(name, dataplane):
     policies, expects = CASES[name]
-    net = Net(cluster(NAMESPACES, PODS, policies))
+    net = Net(cluster(NAMESPACES, PODS, policies), dataplane)
     problems = [m for e in expects for m in mismatches(net, e)]
     assert not problems, "\n".join(problems)
 
@@ -445,8 +449,9 @@ def deny_all(*keys):
                    types=[INGRESS, EGRESS]) for k in keys]
 
 
-def test_replies_and_related_always_pass():
-    net = Net(cluster(NAMESPACES, PODS, deny_all("x/a")))
+@each_dataplane
+def test_replies_and_related_always_pass(dataplane):
+    net = Net(cluster(NAMESPACES, PODS, deny_all("x/a")), dataplane)
     for family in (4, 6):
         for state in ("ESTABLISHED", "RELATED"):
             assert net.connect("x/b", "x/a", 80, "tcp", family, state)
@@ -462,16 +467,18 @@ def test_replies_and_related_always_pass():
     ("INPUT", "fd00:1::10", "fd00:172:18::1"),    # from it to the node
     ("INPUT", "fd00:1::10", "ff02::1:ff00:1"),    # solicited-node multicast
 ])
-def test_icmpv6_neighbour_discovery_always_passes(hook, src, dst):
-    state = compile_node(cluster(NAMESPACES, PODS, deny_all("x/a")), "n1")
+@each_dataplane
+def test_icmpv6_neighbour_discovery_always_passes(hook, src, dst, dataplane):
+    tracer = tracer_for(node_state(dataplane, cluster(NAMESPACES, PODS, deny_all("x/a")), "n1"), 6)
     for nd_type in (133, 134, 135, 136, 137):
-        assert trace(state, 6, hook, Packet(src, dst, "ipv6-icmp", icmpv6_type=nd_type)) == "allow"
-    assert trace(state, 6, hook, Packet(src, dst, "ipv6-icmp", icmpv6_type=128)) == "reject"
+        assert tracer.verdict(hook, Packet(src, dst, "ipv6-icmp", icmpv6_type=nd_type)) == "allow"
+    assert tracer.verdict(hook, Packet(src, dst, "ipv6-icmp", icmpv6_type=128)) == "reject"
 
 
-def test_icmp_to_an_isolated_pod_is_refused():
-    state = compile_node(cluster(NAMESPACES, PODS, deny_all("x/a")), "n1")
-    assert trace(state, 4, "FORWARD", Packet("10.1.0.11", "10.1.0.10", "icmp")) == "reject"
+@each_dataplane
+def test_icmp_to_an_isolated_pod_is_refused(dataplane):
+    state = node_state(dataplane, cluster(NAMESPACES, PODS, deny_all("x/a")), "n1")
+    assert tracer_for(state, 4).verdict("FORWARD", Packet("10.1.0.11", "10.1.0.10", "icmp")) == "reject"
 
 
 def chain_names(state: DesiredState, family: int) -> set[str]:
@@ -888,15 +895,16 @@ POD_SPECS = st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.sampled_from
                                LABELS, CONTAINER_PORTS), min_size=3, max_size=7)
 
 
+@each_dataplane
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(NS_LABELS, POD_SPECS, st.lists(POLICIES, min_size=1, max_size=5, unique_by=lambda p: p.key))
-def test_compiled_rules_agree_with_the_api_semantics(ns_labels, pod_specs, pols):
+def test_compiled_rules_agree_with_the_api_semantics(dataplane, ns_labels, pod_specs, pols):
     namespaces = [namespace("x", **ns_labels[0]), namespace("y", **ns_labels[1])]   # z: no object
     pods = [pod(f"{ns}/p{i}", node, (f"10.{node[1]}.0.{10 + i}", f"fd00:{node[1]}::{10 + i:x}"),
                 labels, ports) for i, (ns, node, labels, ports) in enumerate(pod_specs)]
     hosts = [pod("x/host2", "n2", NODE_IPS["n2"], {}, host_network=True)]
     c = cluster(namespaces, pods, hosts, pols)
-    net = Net(c)
+    net = Net(c, dataplane)
     ends = {p.key: PodEnd(p.key, p.ips, p.node, p.host_network, p) for p in pods + hosts}
     ends.update({"node:n1": PodEnd("node:n1", NODE_IPS["n1"], "n1", True),
                  "ext": PodEnd("ext", EXTERNAL, None, False)})

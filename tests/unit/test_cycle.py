@@ -10,11 +10,17 @@ import pytest
 from lib import plan as planner
 from lib.compile import compile_node
 from lib.cycle import LastCompiled, fingerprint, run_cycle
+from lib import nft_plan, nft_render
+from lib.compile import intend_node
 from lib.dataplane import iptables_may_narrow as may_narrow
+from lib.dataplane import nft_may_narrow
+from lib.model import ALLOW, DENY
+from lib.nft_state import Table
 from lib.kubeapi import ClusterObjects
 from lib.loop import Stopped
 from lib.ruleset import HASH_NET, Chain, DesiredState, FamilyState, IpSet, Rule
-from tests.unit.builders import cluster, namespace, pod, pods_peer, policy, rule, sel
+from tests.unit.builders import (NAME_LABEL, a_namespaces, a_pods, anp, arule, cluster, namespace,
+                                 ns_subject, pod, pods_peer, policy, rule, sel, with_admin)
 from tests.unit.fake_kernel import FakeKernel, state_of
 
 NODE = "n1"
@@ -289,3 +295,81 @@ def test_a_stop_during_the_fetch_ends_the_cycle_without_a_failure_or_a_write():
         run_cycle(fetch, kernel, NODE, conntrack_cleanup=False, last=LastCompiled())
     assert Watched.calls == 0 and kernel.fake.log == []
     assert gc.isenabled()                  # the collector pause ends with the cycle
+
+
+# --- may_narrow, nftables -----------------------------------------------------------
+# The same questions of the one `nft -f` payload: the previous render stands
+# for what the kernel holds.
+
+def nft_desired(*objects, admin=()):
+    c = with_admin(cluster(NAMESPACES + [namespace("b", team="b")], *objects), admin)
+    return nft_render.render(intend_node(c, NODE))
+
+
+def nft_plan_from(before, after) -> nft_plan.NftPlan:
+    return nft_plan.diff(after, before)
+
+
+CLIENT_FAR = pod("x/client-far", "n2", "10.0.7.1", {"role": "client"})
+
+
+@pytest.mark.parametrize("joining", [CLIENT_FAR, CLIENT_2], ids=["apart", "adjacent"])
+def test_nft_a_peer_joining_only_adds_elements_and_cannot_narrow(joining):
+    """CLIENT_2 (10.0.2.11) is next to CLIENT (10.0.2.10): the interval set
+    lists the two as 10.0.2.10/31, replacing the element it had; the new one
+    covers the old, so nothing is refused that was allowed."""
+    before = nft_desired(WEB, CLIENT, FROM_CLIENTS)
+    after = nft_desired(WEB, CLIENT, joining, FROM_CLIENTS)
+    the_plan = nft_plan_from(before, after)
+    assert [c.kind for c in the_plan.changes] == ["set-members"]
+    assert not nft_may_narrow(the_plan, after)
+
+
+@pytest.mark.parametrize("leaving", [CLIENT_FAR, CLIENT_2], ids=["apart", "adjacent"])
+def test_nft_a_peer_leaving_may_narrow(leaving):
+    before = nft_desired(WEB, CLIENT, leaving, FROM_CLIENTS)
+    after = nft_desired(WEB, CLIENT, FROM_CLIENTS)
+    assert nft_may_narrow(nft_plan_from(before, after), after)
+
+
+def test_nft_a_pod_newly_isolated_may_narrow():
+    after = nft_desired(WEB, CLIENT, FROM_CLIENTS)
+    assert nft_may_narrow(nft_plan_from(nft_desired(WEB, CLIENT), after), after)
+
+
+def test_nft_a_pod_joining_an_existing_chain_may_narrow():
+    """Only a map element is added, and it puts the pod under policy."""
+    web_2 = pod("x/web-2", NODE, "10.0.1.11", {"app": "web"})
+    before = nft_desired(WEB, CLIENT, FROM_CLIENTS)
+    after = nft_desired(WEB, web_2, CLIENT, FROM_CLIENTS)
+    the_plan = nft_plan_from(before, after)
+    assert [c.kind for c in the_plan.changes] == ["map-elements"]
+    assert nft_may_narrow(the_plan, after)
+
+
+def test_nft_a_policy_edit_may_narrow():
+    from_admins = policy("x/web", sel({"app": "web"}), ingress=[rule([pods_peer({"role": "admin"})])])
+    after = nft_desired(WEB, CLIENT, from_admins)
+    assert nft_may_narrow(nft_plan_from(nft_desired(WEB, CLIENT, FROM_CLIENTS), after), after)
+
+
+def test_nft_a_rebuilt_table_may_narrow():
+    after = nft_desired(WEB, CLIENT, FROM_CLIENTS)
+    assert nft_may_narrow(nft_plan.diff(after, Table(exists=False)), after)
+
+
+def test_nft_an_admin_deny_set_growing_may_narrow_an_allow_set_growing_cannot():
+    deny = anp("deny-b", 1, ns_subject({NAME_LABEL: "x"}), ingress=[arule(DENY, [a_namespaces({"team": "b"})])])
+    allow = anp("allow-clients", 2, ns_subject({NAME_LABEL: "x"}),
+                ingress=[arule(ALLOW, [a_pods({NAME_LABEL: "x"}, {"role": "client"})])])
+    b_1 = pod("b/one", "n2", "10.0.5.1", {})
+    b_2 = pod("b/two", "n2", "10.0.6.1", {})
+    before = nft_desired(WEB, CLIENT, b_1, FROM_CLIENTS, admin=[deny, allow])
+    grown_deny = nft_desired(WEB, CLIENT, b_1, b_2, FROM_CLIENTS, admin=[deny, allow])
+    the_plan = nft_plan_from(before, grown_deny)
+    assert [c.kind for c in the_plan.changes] == ["set-members"]
+    assert nft_may_narrow(the_plan, grown_deny)
+    grown_allow = nft_desired(WEB, CLIENT, CLIENT_FAR, b_1, FROM_CLIENTS, admin=[deny, allow])
+    the_plan = nft_plan_from(before, grown_allow)
+    assert {c.kind for c in the_plan.changes} == {"set-members"}
+    assert not nft_may_narrow(the_plan, grown_allow)

@@ -2,7 +2,9 @@
 logging never changes a verdict.
 
 Verdicts and log records come from tests/unit/tracer.py, which walks LOG and
-NFLOG as the kernel does: the packet goes on to the next rule.
+NFLOG as the kernel does: the packet goes on to the next rule; the verdict
+checks run on the nftables rendering too (tests/unit/nft_tracer.py, where a
+`log ... group` is NFLOG and a `log` without one is LOG).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from lib.ruleset import Chain, DesiredState, FamilyState, Hook, Rule
 from tests.unit.builders import cluster, namespace, pod, policy, pport, rule, sel
 from tests.unit.test_compile import (EXTERNAL, NODE_IPS, NS_LABELS, POD_SPECS, POLICIES, PodEnd,
                                      Net)
+from lib.nft_state import address_element
+from tests.unit.dataplanes import NFTABLES, each_dataplane, node_state, tracer_for
 from tests.unit.tracer import ALLOW, REJECT, Packet, Tracer, TraceError
 
 PODS = [
@@ -195,10 +199,11 @@ def test_prefixes_of_many_similar_pods_are_distinct():
 # the tracer and logging
 
 
-def test_tracer_walks_on_after_a_log_rule_and_records_it():
-    state = compile_node(cluster(namespace("x"), PODS, logged(policy(
+@each_dataplane
+def test_tracer_walks_on_after_a_log_rule_and_records_it(dataplane):
+    state = node_state(dataplane, cluster(namespace("x"), PODS, logged(policy(
         "x/a-in", sel({"app": "a"}), ingress=[rule(None, [pport(80)])]))), "n1")
-    tracer = Tracer(state, 4)
+    tracer = tracer_for(state, 4)
     assert tracer.verdict("FORWARD", Packet("10.1.0.11", "10.1.0.10", "tcp", 81)) == REJECT
     assert tracer.logged == [("NFLOG", "KPM DROP in x/a ")]
     assert tracer.verdict("FORWARD", Packet("10.1.0.11", "10.1.0.10", "tcp", 80)) == ALLOW
@@ -233,20 +238,38 @@ def test_tracer_refuses_log_rules_it_cannot_vouch_for(args):
 # verdicts never change; every refusal by a logging chain is logged once
 
 
+def pod_chains(net: Net, pods, nodes=("n1", "n2")) -> dict:
+    """Pod chain name -> (pod, direction). An nft pod chain is named by its
+    content: its pods are those whose map element jumps to it (a logging
+    chain names its pod in the prefix, so it has one)."""
+    if net.dataplane != NFTABLES:
+        return {pod_chain_name(p, d): (p, d) for p in pods for d in (INGRESS, EGRESS)}
+    by_address = {address_element(ip): p for p in pods for ip in p.ips}
+    out = {}
+    for node in nodes:
+        for m in net.state(node).maps:
+            direction = EGRESS if m.name.startswith("kpm-egress") else INGRESS
+            for address, verdict in m.elements.items():
+                out[verdict.split()[1]] = (by_address[address], direction)
+    return out
+
+
+@each_dataplane
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(NS_LABELS, POD_SPECS, st.lists(POLICIES, min_size=1, max_size=5, unique_by=lambda p: p.key),
        st.sampled_from([NFLOG, LOG]))
-def test_logging_changes_no_verdict_and_logs_each_refusal_once(ns_labels, pod_specs, pols, target):
+def test_logging_changes_no_verdict_and_logs_each_refusal_once(dataplane, ns_labels, pod_specs, pols,
+                                                               target):
     namespaces = [namespace("x", **ns_labels[0]), namespace("y", **ns_labels[1])]
     pods = [pod(f"{ns}/p{i}", node, (f"10.{node[1]}.0.{10 + i}", f"fd00:{node[1]}::{10 + i:x}"),
                 labels, ports) for i, (ns, node, labels, ports) in enumerate(pod_specs)]
     c = cluster(namespaces, pods, pols)
-    plain = Net(c)
-    logging = Net(c)
+    plain = Net(c, dataplane)
+    logging = Net(c, dataplane)
     options = CompileOptions(log_drops=True, log_target=target)
     for node in ("n1", "n2"):
-        logging._states[node] = compile_node(c, node, options=options)
-    chains = {pod_chain_name(p, d): (p, d) for p in pods for d in (INGRESS, EGRESS)}
+        logging._states[node] = node_state(dataplane, c, node, options=options)
+    chains = pod_chains(logging, pods)
     ends = {p.key: PodEnd(p.key, p.ips, p.node, False, p) for p in pods}
     ends.update({"node:n1": PodEnd("node:n1", NODE_IPS["n1"], "n1", True),
                  "ext": PodEnd("ext", EXTERNAL, None, False)})

@@ -1,7 +1,8 @@
 """Isolating new pods: an address of this node's pod ranges that no cycle has
 seen as a local pod is refused both ways, and nothing else changes.
 
-Verdicts come from tests/unit/tracer.py over the test cluster of
+Verdicts come from tests/unit/tracer.py (and, for the semantic checks,
+tests/unit/nft_tracer.py on the nftables rendering) over the test cluster of
 test_compile.py, whose nodes n1 and n2 hold their pods in 10.1.0.0/16 +
 fd00:1::/64 and 10.2.0.0/16 + fd00:2::/64. The apply order of lib/plan.py
 (sets filled first, rules in one transaction per family, stale members
@@ -24,6 +25,7 @@ from lib.ruleset import DesiredState, IpSet
 from tests.unit.builders import cluster, namespace, pod, policy, pods_peer, rule, sel
 from tests.unit.test_compile import (CASES, EXTERNAL, NAMESPACES, NODE_IPS, NS_LABELS, POD_SPECS,
                                      PODS, POLICIES, End, Net, PodEnd, mismatches)
+from tests.unit.dataplanes import IPTABLES, each_dataplane, node_state, tracer_for
 from tests.unit.tracer import ALLOW, REJECT, Packet, Tracer
 
 RANGES = {"n1": ("10.1.0.0/16", "fd00:1::/64"), "n2": ("10.2.0.0/16", "fd00:2::/64")}
@@ -35,15 +37,16 @@ GATEWAY = ("10.1.0.1", "fd00:1::1")        # n1's own address inside its pod ran
 class GuardedNet(Net):
     """Net with every node isolating new pods, and unknown endpoints."""
 
-    def __init__(self, c: Cluster, options=OPTIONS):
-        super().__init__(c)
+    def __init__(self, c: Cluster, options=OPTIONS, dataplane: str = IPTABLES):
+        super().__init__(c, dataplane)
         self.options = options
         for node, ips in NEW.items():
             self.ends[f"new:{node}"] = End(f"new:{node}", ips, node, False)
 
-    def state(self, node: str) -> DesiredState:
+    def state(self, node: str):
         if node not in self._states:
-            self._states[node] = compile_node(self.cluster, node, options=self.options[node])
+            self._states[node] = node_state(self.dataplane, self.cluster, node, self.index,
+                                            self.options[node])
         return self._states[node]
 
 
@@ -55,22 +58,24 @@ def deny_all(ns: str):
 # known pods are unaffected
 
 
+@each_dataplane
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_semantic_case_keeps_its_verdicts(name):
+def test_every_semantic_case_keeps_its_verdicts(name, dataplane):
     policies, expects = CASES[name]
-    net = GuardedNet(cluster(NAMESPACES, PODS, policies))
+    net = GuardedNet(cluster(NAMESPACES, PODS, policies), dataplane=dataplane)
     problems = [m for e in expects for m in mismatches(net, e)]
     assert not problems, "\n".join(problems)
 
 
+@each_dataplane
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(NS_LABELS, POD_SPECS, st.lists(POLICIES, min_size=0, max_size=4, unique_by=lambda p: p.key))
-def test_known_endpoints_get_the_same_verdicts_as_without(ns_labels, pod_specs, pols):
+def test_known_endpoints_get_the_same_verdicts_as_without(dataplane, ns_labels, pod_specs, pols):
     namespaces = [namespace("x", **ns_labels[0]), namespace("y", **ns_labels[1])]
     pods = [pod(f"{ns}/p{i}", node, (f"10.{node[1]}.0.{10 + i}", f"fd00:{node[1]}::{10 + i:x}"),
                 labels, ports) for i, (ns, node, labels, ports) in enumerate(pod_specs)]
     c = cluster(namespaces, pods, pols)
-    plain, guarded = Net(c), GuardedNet(c)
+    plain, guarded = Net(c, dataplane), GuardedNet(c, dataplane=dataplane)
     ends = [PodEnd(p.key, p.ips, p.node, False, p) for p in pods]
     ends += [PodEnd("node:n1", NODE_IPS["n1"], "n1", True), PodEnd("ext", EXTERNAL, None, False)]
     for e in ends:
@@ -93,10 +98,11 @@ def test_known_endpoints_get_the_same_verdicts_as_without(ns_labels, pod_specs, 
 OTHERS = ["x/a", "x/c", "y/a", "x/b", "y/b", "node:n1", "node:n2", "ext"]
 
 
+@each_dataplane
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("policies", [[], [deny_all("x")]], ids=["open", "x-isolated"])
-def test_an_unknown_address_in_the_pod_range_is_refused_both_ways(family, policies):
-    net = GuardedNet(cluster(NAMESPACES, PODS, policies))
+def test_an_unknown_address_in_the_pod_range_is_refused_both_ways(family, policies, dataplane):
+    net = GuardedNet(cluster(NAMESPACES, PODS, policies), dataplane=dataplane)
     for other in OTHERS:
         for port, proto in ((80, "tcp"), (53, "udp")):
             assert not net.connect("new:n1", other, port, proto, family), f"new:n1 -> {other}"
@@ -107,15 +113,16 @@ def test_an_unknown_address_in_the_pod_range_is_refused_both_ways(family, polici
     assert net.connect("new:n1", "node:n1", 80, "tcp", family, "ESTABLISHED")
     assert net.connect("new:n1", "y/a", 80, "tcp", family, "ESTABLISHED")
     # the same address without the option is open (when nothing isolates the other end)
-    plain = Net(cluster(NAMESPACES, PODS, policies))
+    plain = Net(cluster(NAMESPACES, PODS, policies), dataplane)
     plain.ends["new:n1"] = net.ends["new:n1"]
     assert plain.connect("new:n1", "y/a", 80, "tcp", family)
     assert plain.connect("y/a", "new:n1", 80, "tcp", family)
 
 
-def test_each_node_guards_only_its_own_range():
+@each_dataplane
+def test_each_node_guards_only_its_own_range(dataplane):
     """A pod of n2 is not known to n1: n1 must not refuse it, n2 refuses unknown ones."""
-    net = GuardedNet(cluster(NAMESPACES, PODS))
+    net = GuardedNet(cluster(NAMESPACES, PODS), dataplane=dataplane)
     n1 = net.tracer("n1", 4)
     assert n1.verdict("FORWARD", Packet("10.2.0.99", "10.1.0.10", "tcp", 80)) == ALLOW
     assert n1.verdict("FORWARD", Packet("10.1.0.10", "10.2.0.99", "tcp", 80)) == ALLOW
@@ -123,9 +130,10 @@ def test_each_node_guards_only_its_own_range():
     assert not net.connect("new:n2", "x/a") and not net.connect("x/a", "new:n2")
 
 
+@each_dataplane
 @pytest.mark.parametrize("family", [4, 6])
-def test_the_nodes_own_address_inside_the_pod_range_is_not_cut(family):
-    net = GuardedNet(cluster(NAMESPACES, PODS, deny_all("y")))
+def test_the_nodes_own_address_inside_the_pod_range_is_not_cut(family, dataplane):
+    net = GuardedNet(cluster(NAMESPACES, PODS, deny_all("y")), dataplane=dataplane)
     gw = GATEWAY[0 if family == 4 else 1]
     x_a = net.ends["x/a"].ip(family)
     n1 = net.tracer("n1", family)
@@ -192,14 +200,16 @@ def test_one_family_only_when_only_its_range_is_given():
     assert {c.name for c in state.v6.chains} == {"KPM-FORWARD", "KPM-INPUT"}
 
 
-def test_unknown_drops_are_logged_with_the_global_switch_only():
+@each_dataplane
+def test_unknown_drops_are_logged_with_the_global_switch_only(dataplane):
     c = cluster(NAMESPACES, PODS)
     quiet = compile_node(c, "n1", options=OPTIONS["n1"])
     loud = compile_node(c, "n1", options=CompileOptions(isolate_new_pods=True, pod_cidrs=RANGES["n1"],
                                                         log_drops=True))
     assert len(rules_of(quiet, UNKNOWN_CHAIN)) == 2
     assert rules_of(loud, UNKNOWN_CHAIN)[0][-1] == "KPM DROP unknown "
-    tracer = Tracer(loud, 4)
+    tracer = tracer_for(node_state(dataplane, c, "n1", options=CompileOptions(
+        isolate_new_pods=True, pod_cidrs=RANGES["n1"], log_drops=True)), 4)
     assert tracer.verdict("FORWARD", Packet("10.1.0.99", "10.1.0.12", "udp", 53)) == REJECT
     assert tracer.logged == [("NFLOG", "KPM DROP unknown ")]
 

@@ -1,10 +1,11 @@
 """python -m bench [--sizes small,medium,large] [--quick] [--backend nft|legacy]
 [--profile-dir DIR]
 
-Prints per size a table of poll mode's cycles and one of the API cost of
-poll against watch mode, then the pass/fail checks; exits 1 when a check
+Prints per size a table of poll mode's cycles, one of the API cost of
+poll against watch mode and one of the iptables and nftables dataplanes
+side by side, then the pass/fail checks; exits 1 when a check
 fails, 2 when the benchmark cannot run. Needs root: it makes network
-namespaces, and writes iptables rules and ipsets only inside them.
+namespaces, and writes iptables rules, ipsets and nft tables only inside them.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         print("python -m bench: must run as root (it creates network namespaces)", file=sys.stderr)
         return EXIT_ERROR
     signal.signal(signal.SIGTERM, _interrupt)
-    from bench import admin, checks, netns, report, run, synth
+    from bench import admin, checks, dataplanes, netns, report, run, synth
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
 
@@ -69,16 +70,20 @@ def main(argv=None) -> int:
     print(f"kube-policy-manager benchmark: {os.cpu_count()} CPUs, load average "
           f"{_load()} at the start", flush=True)
     check_size = CHECK_SIZE if CHECK_SIZE in args.sizes else args.sizes[0]
-    judged = None
+    judged = judged_planes = None
     try:
         for name in args.sizes:
             result = run.run_size(synth.SIZES[name], args.backend, args.profile_dir, progress,
                                   quick=args.quick)
             print(report.size_table(result), end="\n\n", flush=True)
+            planes = dataplanes.run_dataplanes(synth.SIZES[name], args.backend, progress,
+                                               quick=args.quick)
+            print(dataplanes.table(planes), end="\n\n", flush=True)
             if name == check_size:
-                judged = result
+                judged, judged_planes = result, planes
         progress(f"{check_size}: compile scaling and rule count against peer pods")
         scaling = run.scaling(synth.SIZES[check_size])
+        local_scaling = dataplanes.local_scaling(synth.SIZES[check_size])
         progress(f"{check_size}: without and with admin policies")
         with_admin = admin.run_admin(synth.SIZES[check_size], args.backend, progress)
         print(admin.table(with_admin), end="\n\n", flush=True)
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
              f"{args.backend} backend)")
     if check_size != CHECK_SIZE:
         title += f"; the targets are set for {CHECK_SIZE}"
-    results = checks.evaluate(judged, scaling) + admin.checks(with_admin)
+    results = (checks.evaluate(judged, scaling) + admin.checks(with_admin)
+               + dataplanes.checks(judged_planes, local_scaling))
     print(report.check_lines(title, results), flush=True)
     return EXIT_OK if all(c.passed for c in results) else EXIT_FAILED
 

@@ -7,11 +7,14 @@ and the log line does not say. Its peak memory is read right after the
 cycle, before the comparisons below run.
 
     python -m bench.cycle_process --api-server URL --node NODE --backend nft \
-        [--cycles N] [--full-rewrite] [--time-saves] [--profile FILE]
+        [--dataplane iptables|nftables] [--cycles N] [--empty-first] [--full-rewrite] \
+        [--time-saves] [--profile FILE]
 
 With --cycles N, N cycles run one after the other the way the daemon's loop
 runs them (sharing one LastCompiled); the last is reported, and the earlier
-ones under "previous".
+ones under "previous". The dataplane runs alone (it looks for no leftovers of
+the other one), so that both can be measured in one namespace; with
+--empty-first its own objects are removed before the first cycle, untimed.
 """
 from __future__ import annotations
 
@@ -42,9 +45,27 @@ def _payload_lines(payload: str, verb: str) -> int:
     return sum(1 for line in payload.splitlines() if line.startswith(verb + " "))
 
 
+def _elements(payload: str, verb: str) -> int:
+    """Elements named by the `VERB element` lines of an nft payload."""
+    head = verb + " element "
+    return sum(line.count(",") + 1 for line in payload.splitlines() if line.startswith(head))
+
+
 def _plan_summary(the_plan) -> dict:
     if the_plan is None:
         return {}
+    if hasattr(the_plan, "payload"):            # an nft plan: one transaction
+        payload = the_plan.payload
+        return {
+            "changes": dict(Counter(c.kind for c in the_plan.changes)),
+            "drift": sum(1 for c in the_plan.changes if c.drift),
+            "members_added": _elements(payload, "add"),
+            "members_removed": _elements(payload, "delete"),
+            "sets_created": _payload_lines(payload, "add set") + _payload_lines(payload, "add map"),
+            "sets_destroyed": (_payload_lines(payload, "delete set")
+                               + _payload_lines(payload, "delete map")),
+            "nft_payload_lines": the_plan.lines,
+        }
     ipset = the_plan.ipset_prepare + the_plan.ipset_cleanup
     return {
         "changes": dict(Counter(c.kind for c in the_plan.changes)),
@@ -61,7 +82,7 @@ def _plan_summary(the_plan) -> dict:
 def _time_saves(kern) -> dict:
     """Best of a few runs of the bare binaries the read stage runs, started
     without any wrapper: the floor of what reading the state can cost."""
-    from lib import kernel
+    from lib import dataplane, kernel, nft_kernel
 
     def best(argv) -> float:
         times = []
@@ -72,8 +93,18 @@ def _time_saves(kern) -> dict:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    iptables = sum(best([kernel.save_binary(kern.backend, f), "-t", "filter"]) for f in kern.families)
+    if isinstance(kern, dataplane.NftablesDataplane):
+        return {"nft_list": best([nft_kernel.NFT, *nft_kernel.LIST_ARGS])}
+    iptables = sum(best([kernel.save_binary(kern.kernel.backend, f), "-t", "filter"]) for f in kern.families)
     return {"iptables_save": iptables, "ipset_save": best(["ipset", "save"])}
+
+
+def _plane(name: str, backend: str):
+    """The dataplane `name` alone in this namespace."""
+    from lib import dataplane, kernel, nft_kernel
+    if name == dataplane.NFTABLES:
+        return dataplane.NftablesDataplane(nft_kernel.NftKernel())
+    return dataplane.IptablesDataplane(kernel.Kernel(backend))
 
 
 def main(argv=None) -> int:
@@ -81,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--api-server", required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--backend", choices=("nft", "legacy"), default="nft")
+    p.add_argument("--dataplane", choices=("iptables", "nftables"), default="iptables")
+    p.add_argument("--empty-first", action="store_true",
+                   help="remove the dataplane's own objects before the first cycle (untimed)")
     p.add_argument("--cycles", type=int, default=1,
                    help="run this many cycles in a row, as the daemon's loop does (default 1)")
     p.add_argument("--full-rewrite", action="store_true",
@@ -91,10 +125,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bench import fullsync
-    from lib import cycle, kernel, kubeapi, logs
+    from lib import cycle, kubeapi, logs
     logs.setup("WARNING")
     api = kubeapi.ApiClient(kubeapi.load_config(api_server=args.api_server))
-    kern = kernel.Kernel(args.backend)
+    kern = _plane(args.dataplane, args.backend)
+    if args.empty_first:
+        kern.apply(kern.cleanup_plan(kern.read()))
     last = cycle.LastCompiled()
 
     outs = []
@@ -113,7 +149,10 @@ def main(argv=None) -> int:
             break
     out = outs[-1]
     if report.ok and args.full_rewrite:
-        cost = fullsync.sync(report.desired, kern.backend, kern.families)
+        if args.dataplane == "nftables":
+            cost = fullsync.sync_nft(report.desired)
+        else:
+            cost = fullsync.sync(report.desired, kern.kernel.backend, kern.families)
         full = {"render": cost.render_seconds, "apply": cost.apply_seconds,
                 "iptables_lines": cost.iptables_lines, "ipset_lines": cost.ipset_lines,
                 "steps": list(cost.steps)}
@@ -136,11 +175,13 @@ def _summary(report, wall: float) -> dict:
         "ok": report.ok, "failed_stage": report.failed_stage, "error": report.error,
         "seconds": report.seconds, "wall": wall, "reused": report.reused,
         "counts": {"policies": c.policies, "local_pods": c.local_pods, "rules": c.rules,
-                   "sets": c.sets, "set_members": c.set_members},
+                   "sets": c.sets, "set_members": c.set_members,
+                   "map_elements": sum(len(m.elements) for m in getattr(report.desired, "maps", ()))},
         "problems": len(report.cluster.problems) if report.cluster else 0,
         "apply": {"processes": stats.processes if stats else 0,
                   "iptables_lines": stats.iptables_lines if stats else 0,
                   "ipset_lines": stats.ipset_lines if stats else 0,
+                  "nft_lines": stats.nft_lines if stats else 0,
                   "steps": list(stats.seconds) if stats else []},
         "plan": _plan_summary(report.plan),
         "api_requests": report.api_requests, "api_bytes": report.api_bytes,

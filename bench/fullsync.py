@@ -5,13 +5,17 @@ whole ruleset, every owned chain re-declared and refilled in one
 `iptables-restore` of the filter table (without --noflush), and every set
 refilled through a temporary set swapped in. It needs no reading or
 diffing, but its kernel work is the whole state every time.
+
+For the nftables dataplane the same idea is one `nft -f` transaction that
+deletes our table and declares it again, whole (`sync_nft`).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from lib import iptables_save, kernel
+from lib import iptables_save, kernel, nft_kernel, nft_plan
+from lib.nft_state import ABSENT, Table
 from lib.plan import MAXELEM
 from lib.ruleset import SET_FAMILY, DesiredState, Rule
 
@@ -88,3 +92,17 @@ def sync(desired: DesiredState, backend: str, families, netns=None,
              ["--wait", str(kernel.DEFAULT_LOCK_WAIT)], payloads.iptables[family])
     ipt, ips = payloads.lines()
     return Cost(rendered - start, time.perf_counter() - rendered, ipt, ips, tuple(steps))
+
+
+def sync_nft(desired: Table, netns=None, timeout: float = kernel.DEFAULT_TIMEOUT) -> Cost:
+    """Our whole nft table written again: `delete table` and the table
+    built from nothing, in one transaction; the table must exist, as it
+    does after one of our cycles. Its lines count as iptables lines."""
+    start = time.perf_counter()
+    payload = f"delete table {nft_plan.FAMILY} {nft_plan.TABLE}\n" + nft_plan.diff(desired, ABSENT).payload
+    rendered = time.perf_counter()
+    kernel.run("nft -f (full)", nft_kernel.NFT, nft_kernel.APPLY_ARGS, netns=netns, stdin=payload,
+               timeout=timeout)
+    done = time.perf_counter()
+    return Cost(rendered - start, done - rendered, _count(payload), 0,
+                (("nft -f (full)", done - rendered),))

@@ -154,12 +154,15 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def run_cycle_process(ns: str, url: str, backend: str, *, time_saves: bool = False,
-                      profile: Optional[str] = None, cycles: int = 1) -> tuple[dict, float]:
+                      profile: Optional[str] = None, cycles: int = 1,
+                      dataplane: str = "iptables", empty_first: bool = False) -> tuple[dict, float]:
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.cycle_process",
             "--api-server", url, "--node", synth.NODE, "--backend", backend, "--full-rewrite",
-            "--cycles", str(cycles)]
+            "--cycles", str(cycles), "--dataplane", dataplane]
     if time_saves:
         argv.append("--time-saves")
+    if empty_first:
+        argv.append("--empty-first")
     if profile:
         argv += ["--profile", profile]
     start = time.perf_counter()

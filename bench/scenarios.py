@@ -144,4 +144,22 @@ def namespace_relabelled(state: State, cluster: Cluster, desired: DesiredState, 
     raise LookupError("no namespace with a team label holds peers of this node")
 
 
+def local_pods_copied(state: State, cluster: Cluster, node: str) -> State:
+    """`state` with every pod of `node` (host network aside) there twice:
+    each copy has the labels of its original, so the same policies select
+    it, and an address of its own from the node's block."""
+    local = [p for p in cluster.pods if p.node == node and not p.host_network]
+    first = synth.SPARE_FROM // 2
+    if first + len(local) > synth.SPARE_FROM:
+        raise LookupError(f"{node}: no room for {len(local)} more pods' addresses")
+    taken = {ip for p in cluster.pods for ip in p.ips}
+    copies = []
+    for i, pod in enumerate(local):
+        new = _copy_pod(_pod_object(state, pod), pod.name + "-twin", first + i)
+        if new["status"]["podIP"] in taken:
+            raise LookupError(f"pod {pod.key}: copy's address {new['status']['podIP']} in use")
+        copies.append(new)
+    return replace(state, pods=state.pods + tuple(copies))
+
+
 CHANGES = (remote_pod_joins, local_pod_added, policy_edited, namespace_relabelled)

@@ -1,6 +1,7 @@
 """`python -m bench --quick` end to end: the small cluster through the real
-pipeline in a network namespace, its tables (poll mode's cycles, and the API
-cost of poll against watch) and its check lines, and nothing left behind."""
+pipeline in a network namespace, its tables (poll mode's cycles, the API
+cost of poll against watch, the iptables and nftables dataplanes side by
+side) and its check lines, and nothing left behind."""
 from __future__ import annotations
 
 import os
@@ -23,7 +24,13 @@ CHECKS = ("no change: zero kernel writes", "no change (idle loop cycle): cycle <
           "compile grows linearly", "peak memory <=",
           "50 admin policies and a baseline: idle loop cycle <=",
           "50 admin policies and a baseline: remote pod joins <=",
-          "50 admin policies and a baseline: local pod added <=")
+          "50 admin policies and a baseline: local pod added <=",
+          "nftables idle loop cycle <= iptables", "nftables remote pod joins a peer set <= iptables",
+          "nftables local pod added <= iptables", "nftables local pod removed <= iptables",
+          "nftables first apply faster than iptables",
+          "nftables rule count does not grow with local pods")
+DATAPLANE_CYCLES = ("first apply (empty kernel)", "idle loop cycle", "remote pod joins a peer set",
+                    "local pod added", "local pod removed")
 CHECK_LINE = re.compile(r"^(PASS|FAIL)  (.+?)  \|  (.+)$", re.MULTILINE)
 WATCH_COLUMNS = ("start-up", "idle cycle", "remote pod")
 WATCH_KINDS = 3                    # namespaces, pods, policies
@@ -41,6 +48,19 @@ def _row(out: str, label: str) -> list[str]:
         if line.startswith("  " + label + "  "):
             return line[len(label) + 2:].split()
     raise AssertionError(f"no table row {label!r} in:\n{out}")
+
+
+def _rows(out: str, label: str) -> list[list[str]]:
+    """Every row of that label, in order."""
+    return [line[len(label) + 2:].split() for line in out.splitlines()
+            if line.startswith("  " + label + "  ")]
+
+
+def _section(out: str, heading: str) -> str:
+    """From the line holding `heading` to the next blank line."""
+    start = out.index(heading)
+    end = out.find("\n\n", start)
+    return out[start:] if end < 0 else out[start:end]
 
 
 def _numbers(out: str, label: str) -> list[int]:
@@ -102,10 +122,27 @@ def test_quick_benchmark_prints_the_table_and_the_checks_and_cleans_up():
 
     # the same cluster with admin policies: more rules, the same three cycles measured
     assert "without and with 50 AdminNetworkPolicies and a BaselineAdminNetworkPolicy" in out
-    plain_rules, admin_rules = _numbers(out, "rules")
+    admin = _section(out, "without and with 50 AdminNetworkPolicies")
+    plain_rules, admin_rules = _numbers(admin, "rules")
     assert admin_rules > plain_rules > 0
     for title in ("idle loop cycle", "remote pod joins", "local pod added"):
-        assert all(float(cell) > 0 for cell in _row(out, title))
+        assert all(float(cell) > 0 for cell in _row(admin, title))
+
+    # both dataplanes through the same cycles: each writes its whole state first, nothing
+    # when idle, a few lines for one pod; nft's rules fewer, its dispatch one element a pod
+    assert "iptables and nftables dataplanes, 1,000 pods, 100 policies" in out
+    planes = _section(out, "iptables and nftables dataplanes")
+    lines = [[int(c.replace(",", "")) for c in cells] for cells in _rows(planes, "  lines written")]
+    assert len(lines) == len(DATAPLANE_CYCLES)
+    first, idle, remote, added, removed = lines
+    assert min(first) > 100 and idle == [0, 0]
+    assert 0 < remote[1] < 20 and 0 < added[1] < 20 and 0 < removed[1] < 20
+    for title in DATAPLANE_CYCLES:
+        ipt, nft = _row(planes, title)[:2]
+        assert float(ipt) > 0 and float(nft) > 0
+    ipt_rules, nft_rules = (int(c.replace(",", "")) for c in _row(planes, "rules")[:2])
+    assert 0 < nft_rules < ipt_rules
+    assert int(_row(planes, "nft dispatch map elements")[1].replace(",", "")) > 0
 
     found = CHECK_LINE.findall(out)
     assert len(found) == len(CHECKS), out

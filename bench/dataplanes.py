@@ -1,0 +1,201 @@
+"""The iptables and nftables dataplanes side by side on one cluster: the
+same objects served by one API server, each dataplane's cycles in their
+own processes in one network namespace, taken in turns (the order swapped
+every round) so that whatever else loads the machine weighs on both alike.
+
+Each dataplane runs alone: it reads and writes only its own objects
+(iptables chains and ipsets; our nft table), so the two coexist in the
+namespace without either seeing the other. Measured per dataplane, best of
+REPEATS rounds: the first apply on an empty kernel, the idle loop cycle,
+a remote pod joining a peer set, a local pod added and the same pod
+removed. Apart from the kernel: the rule count of the cluster as it is and
+with every local pod there twice, which nft's shared pod chains and
+dispatch maps keep flat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from bench import netns, scenarios, synth
+from bench.checks import Check
+from bench.run import _serve, _total, model, run_cycle_process
+from lib import compile as compiler
+from lib import iptables_render, nft_render
+from lib.dataplane import IptablesDataplane, NftablesDataplane
+from lib.selectors import ClusterIndex
+from tests.apiserver import ApiServer
+
+DATAPLANES = ("iptables", "nftables")
+REPEATS = 3
+CYCLES = ("first", "idle", "remote-pod", "local-pod", "local-pod-removed")
+TITLES = {"first": "first apply (empty kernel)", "idle": "idle loop cycle",
+          "remote-pod": "remote pod joins a peer set", "local-pod": "local pod added",
+          "local-pod-removed": "local pod removed"}
+CHURN = ("remote-pod", "local-pod", "local-pod-removed")
+
+
+@dataclass(frozen=True)
+class LocalScaling:
+    """Rules of each dataplane for the cluster, and with every local pod twice."""
+    local_pods: int
+    rules: dict                      # dataplane -> (rules as is, rules with the copies)
+    dispatch: tuple                  # nft verdict map elements: (as is, with the copies)
+
+
+@dataclass(frozen=True)
+class DataplaneResult:
+    spec: synth.Spec
+    repeats: int
+    cycles: dict                     # dataplane -> cycle key -> the quickest run's report
+    detail: dict                     # cycle key -> what changed
+
+
+def _counts(state: scenarios.State) -> tuple[int, int, int]:
+    cluster = model(state)
+    intent = compiler.intend_node(cluster, synth.NODE, ClusterIndex(cluster))
+    table = nft_render.render(intent)
+    return (IptablesDataplane.counts(iptables_render.render(intent))[0],
+            NftablesDataplane.counts(table)[0], sum(len(m.elements) for m in table.maps))
+
+
+def local_scaling(spec: synth.Spec) -> LocalScaling:
+    first = scenarios.initial(synth.generate(spec))
+    parsed = model(first)
+    local = sum(1 for p in parsed.pods if p.node == synth.NODE and not p.host_network)
+    twice = scenarios.local_pods_copied(first, parsed, synth.NODE)
+    del parsed
+    ipt, nft, dispatch = _counts(first)
+    ipt2, nft2, dispatch2 = _counts(twice)
+    return LocalScaling(local, {"iptables": (ipt, ipt2), "nftables": (nft, nft2)},
+                        (dispatch, dispatch2))
+
+
+def run_dataplanes(spec: synth.Spec, backend: str,
+                   progress: Callable[[str], None] = lambda _: None,
+                   quick: bool = False) -> DataplaneResult:
+    """Every cycle of CYCLES on both dataplanes, REPEATS rounds (one when
+    `quick`); per dataplane and cycle the quickest run is kept."""
+    cluster = synth.generate(spec)
+    first = scenarios.initial(cluster)
+    parsed = model(first)
+    desired = compiler.compile_node(parsed, synth.NODE)
+    remote = scenarios.remote_pod_joins(first, parsed, desired, synth.NODE)
+    local = scenarios.local_pod_added(first, parsed, desired, synth.NODE)
+    del parsed, desired
+    # (cycle key or None for a step back to the first state, state, cycles, flags)
+    steps = [("first", first, 1, {"empty_first": True}),
+             ("idle", first, 2, {"time_saves": True}),
+             ("remote-pod", remote.state, 1, {}),
+             (None, first, 1, {}),
+             ("local-pod", local.state, 1, {}),
+             ("local-pod-removed", first, 1, {})]
+    repeats = 1 if quick else REPEATS
+    best: dict = {dp: {} for dp in DATAPLANES}
+    with netns.namespace() as ns:
+        server = ApiServer(sock=netns.bound_socket(ns))
+        server.start()
+        try:
+            served = None
+            for attempt in range(repeats):
+                order = DATAPLANES if attempt % 2 == 0 else DATAPLANES[::-1]
+                progress(f"{spec.name}: iptables and nftables, round {attempt + 1}/{repeats} "
+                         f"({order[0]} first)")
+                for key, state, cycles, flags in steps:
+                    if state is not served:
+                        _serve(server, state)
+                        served = state
+                    for dp in order:
+                        out, _ = run_cycle_process(ns, server.url, backend, cycles=cycles,
+                                                   dataplane=dp, **flags)
+                        if key is None:
+                            continue
+                        if key not in best[dp] or _total(out) < _total(best[dp][key]):
+                            best[dp][key] = out
+        finally:
+            server.stop()
+    detail = {"first": "every rule and set written",
+              "idle": "nothing changed: the second cycle of a process",
+              "remote-pod": remote.detail, "local-pod": local.detail,
+              "local-pod-removed": "the pod added just before deleted"}
+    return DataplaneResult(spec, repeats, best, detail)
+
+
+# --- shown and judged --------------------------------------------------------------
+
+def _lines(r: dict) -> int:
+    a = r["apply"]
+    return a["iptables_lines"] + a["ipset_lines"] + a.get("nft_lines", 0)
+
+
+def _listing(r: dict) -> float:
+    saves = r.get("saves", {})
+    return saves.get("nft_list", saves.get("iptables_save", 0.0) + saves.get("ipset_save", 0.0))
+
+
+def _ratio(nft: float, ipt: float) -> str:
+    return f"x{nft / ipt:.2f}" if ipt else "-"
+
+
+ROW_STAGES = (("compile (with render)", "compile"), ("read kernel state", "read"),
+              ("diff", "diff"), ("apply", "apply"))
+
+
+def table(result: DataplaneResult) -> str:
+    spec = result.spec
+    ipt, nft = result.cycles["iptables"], result.cycles["nftables"]
+    width = 14
+    out = [f"{spec.name}: iptables and nftables dataplanes, {spec.pods:,} pods, "
+           f"{spec.policies:,} policies (seconds; best of {result.repeats} rounds, "
+           "taken in turns)",
+           f"  {'':38}" + "".join(h.rjust(width) for h in ("iptables", "nftables", "nft / ipt"))]
+
+    def row(label: str, a, b, ratio: bool = True, fmt: str = "{:.3f}") -> None:
+        cells = [fmt.format(a), fmt.format(b), _ratio(b, a) if ratio else ""]
+        out.append(f"  {label:38}" + "".join(c.rjust(width) for c in cells))
+
+    for key in CYCLES:
+        a, b = ipt[key], nft[key]
+        row(TITLES[key], _total(a), _total(b))
+        for label, stage in ROW_STAGES:
+            if stage in a["seconds"] or stage in b["seconds"]:
+                row(f"  {label}", a["seconds"].get(stage, 0.0), b["seconds"].get(stage, 0.0))
+        row("  lines written", _lines(a), _lines(b), ratio=False, fmt="{:,}")
+        if key == "idle":
+            row("  bare listing (ipt: -save + ipset save)", _listing(a), _listing(b))
+    a, b = ipt["first"]["counts"], nft["first"]["counts"]
+    row("rules", a["rules"], b["rules"], fmt="{:,}")
+    row("sets", a["sets"], b["sets"], ratio=False, fmt="{:,}")
+    row("set members / elements", a["set_members"], b["set_members"], ratio=False, fmt="{:,}")
+    out.append(f"  {'nft dispatch map elements':38}" + "-".rjust(width)
+               + f"{b.get('map_elements', 0):,}".rjust(width))
+    fa, fb = ipt["first"]["full"], nft["first"]["full"]
+    row("full rewrite of the state: apply", fa["apply"], fb["apply"])
+    out.append("  changes: " + "; ".join(f"{TITLES[k]}: {result.detail[k]}" for k in CHURN))
+    return "\n".join(out)
+
+
+def _compare(name: str, nft: dict, ipt: dict, strict: bool = False) -> Check:
+    a, b = _total(ipt), _total(nft)
+    passed = b < a if strict else b <= a
+    sign = ("<" if b < a else ">=") if strict else ("<=" if b <= a else ">")
+    return Check(name, passed, f"nftables {b:.3f} s {sign} iptables {a:.3f} s ({_ratio(b, a)}; "
+                 f"read {nft['seconds'].get('read', 0):.3f} / {ipt['seconds'].get('read', 0):.3f}, "
+                 f"diff {nft['seconds'].get('diff', 0):.3f} / {ipt['seconds'].get('diff', 0):.3f}, "
+                 f"apply {nft['seconds'].get('apply', 0):.3f} / {ipt['seconds'].get('apply', 0):.3f})")
+
+
+def checks(result: DataplaneResult, scaling: LocalScaling) -> list[Check]:
+    ipt, nft = result.cycles["iptables"], result.cycles["nftables"]
+    out = [_compare("nftables idle loop cycle <= iptables", nft["idle"], ipt["idle"])]
+    out += [_compare(f"nftables {TITLES[k]} <= iptables", nft[k], ipt[k]) for k in CHURN]
+    out.append(_compare("nftables first apply faster than iptables", nft["first"], ipt["first"],
+                        strict=True))
+    (n1, n2), (i1, i2) = scaling.rules["nftables"], scaling.rules["iptables"]
+    d1, d2 = scaling.dispatch
+    out.append(Check("nftables rule count does not grow with local pods",
+                     n1 == n2 and d2 > d1,
+                     f"{n1:,} rules with {scaling.local_pods:,} local pods, {n2:,} with "
+                     f"{2 * scaling.local_pods:,} (dispatch map elements {d1:,} -> {d2:,}; "
+                     f"iptables {i1:,} -> {i2:,} rules)"))
+    return out

@@ -417,6 +417,10 @@ def main(argv=None) -> int:
         stats = metrics.Metrics(args.interval)
         server = metrics.serve(stats, args.metrics_port)
         observer, enforced = stats.observe, stats.enforce_latency.observe
+    if kern.name == "nftables":
+        # An idle cycle lists our table only after the kernel announced a
+        # change, and at least once a minute (lib.nft_monitor).
+        kern.kernel.watch_changes(max_age=60.0)
     run, trigger, cache = one_cycle, None, None
     if args.watch:
         trigger = watch.Trigger()
@@ -431,6 +435,8 @@ def main(argv=None) -> int:
         cache.stop()
     if server is not None:
         server.shutdown()
+    if kern.name == "nftables":
+        kern.kernel.close()
     log.info("stopping; rules stay in force", extra={"event": "stop"})
     return EXIT_OK
 

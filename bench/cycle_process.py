@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     logs.setup("WARNING")
     api = kubeapi.ApiClient(kubeapi.load_config(api_server=args.api_server))
     kern = _plane(args.dataplane, args.backend)
+    if args.cycles > 1 and args.dataplane == "nftables":
+        kern.kernel.watch_changes()          # as the daemon's loop does
     if args.empty_first:
         kern.apply(kern.cleanup_plan(kern.read()))
     last = cycle.LastCompiled()
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
     if report.ok and args.time_saves:
         out["saves"] = _time_saves(kern)
     out["previous"] = outs[:-1]
+    if args.dataplane == "nftables":
+        out["nft_listings"] = kern.kernel.listings
+        kern.kernel.close()
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0 if report.ok else 1

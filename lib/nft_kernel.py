@@ -17,6 +17,7 @@ from lib.kernel import (
     DEFAULT_TIMEOUT, IPV6_SYSCTL_DIR, LINE_QUOTE_LIMIT, ApplyStats, KernelError, run,
     usable_families,
 )
+from lib.nft_monitor import ChangeMonitor
 from lib.nft_plan import NftPlan
 from lib.nft_state import ABSENT, FAMILY, TABLE, Table
 
@@ -58,6 +59,21 @@ class NftKernel:
         self.timeout = float(timeout)
         self.families = usable_families(families, netns, ipv6_sysctl_dir, timeout)
         self._last: Optional[tuple[str, Table]] = None
+        self.changes: Optional[ChangeMonitor] = None
+        self.listings = 0                  # times the table was listed
+
+    def watch_changes(self, max_age: float = 60.0) -> "NftKernel":
+        """For a long-running process: while `nft monitor` announces no change
+        to the ruleset, a read returns the previous listing without listing
+        again (lib.nft_monitor); at least every `max_age` seconds it lists."""
+        if self.changes is None:
+            self.changes = ChangeMonitor(self.netns, max_age)
+        return self
+
+    def close(self) -> None:
+        if self.changes is not None:
+            self.changes.close()
+            self.changes = None
 
     def __repr__(self) -> str:
         return f"NftKernel(netns={self.netns!r}, families={self.families})"
@@ -67,22 +83,34 @@ class NftKernel:
         same listing as last time gives the same parse back without parsing:
         an idle cycle lists the table again (drift is found that way) but
         parses nothing. The JSON listing holds no counters or times that
-        would vary while the table does not."""
+        would vary while the table does not. With watch_changes(), not even
+        the listing runs while the kernel announced no change."""
+        if self.changes is not None and self._last is not None and self.changes.unchanged():
+            return self._last[1]
+        if self.changes is not None:
+            self.changes.listing()
+        self.listings += 1
+        try:
+            self._last = self._list()
+        except BaseException:
+            self._last = None              # nothing known: the next read lists again
+            raise
+        return self._last[1]
+
+    def _list(self) -> tuple[str, Table]:
         try:
             text = run(READ_STEP, NFT, LIST_ARGS, netns=self.netns, timeout=self.timeout)
         except KernelError as err:
             if err.exit_code == 1 and nft_parse.table_absent(err.stderr):
-                return ABSENT
+                return "", ABSENT
             raise
         if self._last is not None and self._last[0] == text:
-            return self._last[1]
+            return self._last
         try:
-            table = nft_parse.parse(text)
+            return text, nft_parse.parse(text)
         except nft_parse.NftParseError as err:
             raise KernelError(f"{READ_STEP}: cannot parse the output of nft -j list table: {err}",
                               step=READ_STEP) from None
-        self._last = (text, table)
-        return table
 
     def apply(self, plan: NftPlan) -> ApplyStats:
         """The plan's payload in one `nft -f -`: all of it or, on failure,

@@ -1,10 +1,11 @@
-# kube-policy-manager: make demo | make test | make lab CASES=path | make bench
+# kube-policy-manager: make demo | make test | make lab CASES=path [DATAPLANE=iptables|nftables|both] | make bench
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := iptables ipset conntrack iproute2 nftables time
 CASES ?= tests/cases
+DATAPLANE ?= both
 
 .PHONY: demo test unit lab bench deps venv scanners clean
 
@@ -47,7 +48,7 @@ unit: venv
 	$(PY) -m pytest tests/unit
 
 lab: deps venv
-	$(PY) -m tests.lab run $(CASES)
+	$(PY) -m tests.lab run --dataplane $(DATAPLANE) $(CASES)
 
 bench: deps venv
 	$(PY) -m bench

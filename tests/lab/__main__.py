@@ -1,6 +1,7 @@
 """Command line of the lab.
 
-    python -m tests.lab run [--keep] [--loop] [--no-transitions] [-k PATTERN] CASE_OR_DIR...
+    python -m tests.lab run [--dataplane iptables|nftables|both] [--keep] [--loop]
+                            [--no-transitions] [-k PATTERN] CASE_OR_DIR...
     python -m tests.lab demo [CASE]
 """
 from __future__ import annotations
@@ -10,7 +11,11 @@ import os
 import signal
 import sys
 
+from lib.dataplane import DATAPLANES
+
 from .runner import Options, run
+
+BOTH = "both"
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,6 +39,9 @@ def parse_args(argv):
                    help="run the reconciler as a loop on every node instead of --once per step")
     r.add_argument("--no-transitions", action="store_true",
                    help="do not probe while a step is being applied")
+    r.add_argument("--dataplane", choices=(*DATAPLANES, BOTH), default=BOTH,
+                   help="what the nodes enforce with: iptables, nftables, or both (default: "
+                        "every case on iptables, then every case on nftables)")
     r.add_argument("-k", dest="pattern", metavar="PATTERN",
                    help="only cases whose name or file contains PATTERN (a glob with * ? [)")
     d = sub.add_parser("demo", help="show connectivity before and after a case's policies")
@@ -51,7 +59,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             options = Options(keep=args.keep, loop=args.loop, transitions=not args.no_transitions)
-            return run(args.paths, options, args.pattern, emit=_emit)
+            planes = DATAPLANES if args.dataplane == BOTH else (args.dataplane,)
+            return run(args.paths, options, args.pattern, emit=_emit, dataplanes=planes)
         from .demo import demo
         return demo(args.case, emit=_emit)
     except KeyboardInterrupt as exc:

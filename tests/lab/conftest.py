@@ -1,5 +1,6 @@
 """Fixtures of the lab's tests: root is required (and its absence is a failure,
-never a skip), one run token per session, and a check that nothing is left."""
+never a skip), one run token per session, a check that nothing is left, and
+the dataplane a test runs on (each of them, for the tests that take it)."""
 from __future__ import annotations
 
 import itertools
@@ -7,6 +8,7 @@ import os
 
 import pytest
 
+from lib.dataplane import DATAPLANES
 from tests.lab import netns
 from tests.lab.cluster import LAB_PREFIX, new_run_token, remove_leftovers, remove_run
 
@@ -27,6 +29,12 @@ def run_token():
     token = new_run_token()
     yield token
     remove_run(token)
+
+
+@pytest.fixture(params=DATAPLANES)
+def dataplane(request):
+    """What the lab's nodes enforce with: a test that takes it runs on each."""
+    return request.param
 
 
 _numbers = itertools.count(1)

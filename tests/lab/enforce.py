@@ -1,29 +1,32 @@
 """One cycle on one lab node, run in this process with CompileOptions of the
 test's choosing: fetch from the lab's API server over the node's network,
-parse, compile, and apply to the node's kernel, as lib/cycle.py does.
+parse, compile, and apply to the node's kernel on the lab's dataplane, as
+lib/cycle.py does.
 
 Tests of compile options use it to pick options per node and per step
 without a command line in between; everything else (the API, the network,
-iptables and ipset in the node's namespace) is the real thing.
+iptables and ipsets or the nft table in the node's namespace) is the real
+thing.
 """
 from __future__ import annotations
 
-from lib import objects
-from lib import plan as planner
-from lib.compile import CompileOptions, compile_node
-from lib.cycle import only_families, parse_fetched
-from lib.kernel import Kernel
+from typing import Optional
+
+from lib import dataplane, objects
+from lib.compile import CompileOptions, intend_node
+from lib.cycle import intent_families, parse_fetched
 from lib.kubeapi import ApiClient, load_config
-from lib.plan import Plan
 
 from . import netns
 from .lab import Lab
 
-BACKEND = "nft"
+BACKEND = "nft"          # the iptables backend of the iptables dataplane
 
 
-def node_kernel(lab: Lab, node: str) -> Kernel:
-    return Kernel(BACKEND, netns=lab.network.node_ns(node))
+def node_dataplane(lab: Lab, node: str, name: Optional[str] = None):
+    """The node's dataplane `name` (default the lab's), with the other one's
+    kernel for leftovers, as reconcile.py builds it."""
+    return dataplane.build(name or lab.dataplane, BACKEND, lab.network.node_ns(node))
 
 
 def fetch(lab: Lab, node: str, with_node: bool = False):
@@ -44,22 +47,29 @@ def options_for(lab: Lab, node: str, **kwargs) -> CompileOptions:
     return CompileOptions(**kwargs)
 
 
-def enforce(lab: Lab, node: str, options: CompileOptions = CompileOptions()) -> Plan:
-    """One cycle on `node`; returns the plan it applied (empty when in sync)."""
+def _desired(lab: Lab, node: str, plane, options: CompileOptions):
     fetched, _ = fetch(lab, node)
     cluster = parse_fetched(fetched)
-    kernel = node_kernel(lab, node)
-    desired = only_families(compile_node(cluster, node, options=options), kernel.families)
-    the_plan = planner.diff(desired, kernel.read())
+    intent = intent_families(intend_node(cluster, node, options=options), plane.families)
+    return plane.render(intent)
+
+
+def enforce(lab: Lab, node: str, options: CompileOptions = CompileOptions(),
+            dataplane_name: Optional[str] = None):
+    """One cycle on `node`; returns the plan it applied (empty when in sync).
+    Once the rules are in force, what the other dataplane left is removed."""
+    plane = node_dataplane(lab, node, dataplane_name)
+    desired = _desired(lab, node, plane, options)
+    the_plan = plane.diff(desired, plane.read())
     if not the_plan.empty:
-        kernel.apply(the_plan)
+        plane.apply(the_plan)
+    plane.settle()
     return the_plan
 
 
-def in_sync(lab: Lab, node: str, options: CompileOptions = CompileOptions()) -> bool:
+def in_sync(lab: Lab, node: str, options: CompileOptions = CompileOptions(),
+            dataplane_name: Optional[str] = None) -> bool:
     """Whether a cycle now would write nothing (the kernel reads back as written)."""
-    fetched, _ = fetch(lab, node)
-    cluster = parse_fetched(fetched)
-    kernel = node_kernel(lab, node)
-    desired = only_families(compile_node(cluster, node, options=options), kernel.families)
-    return planner.diff(desired, kernel.read()).empty
+    plane = node_dataplane(lab, node, dataplane_name)
+    desired = _desired(lab, node, plane, options)
+    return plane.diff(desired, plane.read()).empty

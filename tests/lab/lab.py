@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from lib.dataplane import IPTABLES
 from tests.apiserver import ApiServer
 
 from . import netns
@@ -70,8 +71,10 @@ def table_cells(tables: Iterable[Table]) -> dict[Cell, bool]:
 class Lab:
     """A case's cluster, built on enter and removed on exit (unless kept)."""
 
-    def __init__(self, case: Case, prefix: str, *, script: Path = SCRIPT, loop: bool = False):
+    def __init__(self, case: Case, prefix: str, *, script: Path = SCRIPT, loop: bool = False,
+                 dataplane: str = IPTABLES):
         self.case = case
+        self.dataplane = dataplane      # what the nodes' reconcilers enforce with
         self.prefix = prefix
         self.loop = loop
         self.network = Network(prefix, case.nodes, case.externals)
@@ -110,7 +113,7 @@ class Lab:
             raise
         self.api = ApiServer(sock=sock, admin_api=True).start()   # a cluster with the admin CRDs
         self.reconcilers = Reconcilers({n.name: self.network.node_ns(n.name) for n in self.case.nodes},
-                                       self.api.url, script=self.script)
+                                       self.api.url, script=self.script, dataplane=self.dataplane)
 
     def close(self, keep: bool = False) -> list[str]:
         """Stop processes and servers; delete the namespaces unless `keep`.

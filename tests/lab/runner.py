@@ -10,7 +10,7 @@ import fnmatch
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +18,7 @@ from .case import Case, CaseError, State, case_files, load_case
 from .cluster import LAB_PREFIX, new_run_token, remove_leftovers, remove_run
 from .lab import Cell, CellResult, Lab, table_cells
 from .reconcilers import SCRIPT
+from lib.dataplane import DATAPLANES, IPTABLES
 from .traffic import ALLOWED, TIMEOUT
 
 Emit = Callable[[str], None]
@@ -29,6 +30,7 @@ class Options:
     loop: bool = False
     transitions: bool = True
     script: Path = SCRIPT
+    dataplane: str = IPTABLES       # what the reconcilers enforce with
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StepReport:
     results: list[CellResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)      # reconciler failures
     flips: list[str] = field(default_factory=list)       # cells that flipped during the update
+    transition_probes: int = 0                            # probes made during the update
 
     @property
     def failed_cells(self) -> list[CellResult]:
@@ -56,6 +59,15 @@ class CaseReport:
     error: Optional[str] = None
     seconds: float = 0.0
     kept: list[str] = field(default_factory=list)
+    dataplane: str = IPTABLES
+
+    @property
+    def transition_probes(self) -> int:
+        return sum(s.transition_probes for s in self.steps)
+
+    @property
+    def leaks(self) -> int:
+        return sum(len(s.flips) for s in self.steps)
 
     @property
     def passed(self) -> int:
@@ -101,6 +113,7 @@ class _TransitionWatch:
         self.expected = cells
         self.flipped: dict[Cell, str] = {}
         self.rounds = 0
+        self.probes = 0
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="lab-transitions", daemon=True)
@@ -116,6 +129,7 @@ class _TransitionWatch:
                     if (got == ALLOWED) != self.expected[cell]:
                         self.flipped.setdefault(cell, got)
                 self.rounds += 1
+                self.probes += len(self.cells)
         except BaseException as exc:   # reported by stop()
             self._error = exc
 
@@ -165,9 +179,9 @@ def run_case(case: Case, prefix: str, options: Options = Options(), emit: Emit =
 
     `lab_hook(lab, step_index, report)` runs after each step is probed (the
     tests use it to break things on purpose)."""
-    report = CaseReport(case.name, case.path, case.multi_step)
+    report = CaseReport(case.name, case.path, case.multi_step, dataplane=options.dataplane)
     started = time.monotonic()
-    lab = Lab(case, prefix, script=options.script, loop=options.loop)
+    lab = Lab(case, prefix, script=options.script, loop=options.loop, dataplane=options.dataplane)
     try:
         lab.build()
         if case.initial is not None and not _same_cluster(case.initial, case.states[0]):
@@ -188,6 +202,7 @@ def run_case(case: Case, prefix: str, options: Options = Options(), emit: Emit =
             finally:
                 if watch is not None:
                     step.flips = watch.stop()
+                    step.transition_probes = watch.probes
             step.results = lab.check(state.expect)
             report.steps.append(step)
             if lab_hook is not None:
@@ -221,11 +236,14 @@ def matches(pattern: Optional[str], *names: str) -> bool:
 def print_report(report: CaseReport, emit: Emit) -> None:
     cells = report.passed + sum(len(s.failed_cells) for s in report.steps)
     skipped = f", {report.skipped} skipped" if report.skipped else ""
+    moved = (f", {report.leaks} leaks in {report.transition_probes} transition probes"
+             if report.transition_probes else "")
+    name = f"{report.name} [{report.dataplane}]"
     if report.ok:
-        emit(f"PASS {report.name}: {cells} cells{skipped}, {report.seconds:.1f} s")
+        emit(f"PASS {name}: {cells} cells{skipped}{moved}, {report.seconds:.1f} s")
     else:
-        emit(f"FAIL {report.name} ({report.path}): {report.failed} failed of {cells} cells"
-             f"{skipped}, {report.seconds:.1f} s")
+        emit(f"FAIL {name} ({report.path}): {report.failed} failed of {cells} cells"
+             f"{skipped}{moved}, {report.seconds:.1f} s")
         for line in report.lines():
             for part in line.splitlines():
                 emit(f"  {part}")
@@ -244,13 +262,42 @@ def print_keep_hint(report: CaseReport, prefix: str, emit: Emit) -> None:
     emit("  (the next lab run also removes them)")
 
 
+@dataclass
+class Tally:
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    transition_probes: int = 0
+    leaks: int = 0
+
+    def add(self, report: CaseReport) -> None:
+        self.passed += report.passed
+        self.failed += report.failed
+        self.skipped += report.skipped
+        self.transition_probes += report.transition_probes
+        self.leaks += report.leaks
+
+    def line(self) -> str:
+        out = f"{self.passed} passed, {self.failed} failed"
+        if self.skipped:
+            out += f", {self.skipped} skipped"
+        return out
+
+
 def run(paths: Sequence[str], options: Options = Options(), pattern: Optional[str] = None,
-        emit: Emit = print) -> int:
-    """Run every case given; print differences and one summary line; return
-    the exit status (0 only when nothing failed)."""
+        emit: Emit = print, dataplanes: Optional[Sequence[str]] = None) -> int:
+    """Run every case given, on each of `dataplanes` (default: the options'
+    one); print differences and one summary line (after one per dataplane
+    when there are several); return the exit status (0 only when nothing
+    failed)."""
+    dataplanes = tuple(dataplanes or (options.dataplane,))
+    unknown = [d for d in dataplanes if d not in DATAPLANES]
+    if unknown:
+        raise ValueError(f"dataplane {unknown[0]!r}: must be one of {', '.join(DATAPLANES)}")
     files = case_files(list(paths))
     cases: list[Case] = []
-    failed = passed = skipped = 0
+    failed = 0
+    per_plane: dict[str, Tally] = {}
     names: dict[str, str] = {}
     for f in files:
         try:
@@ -273,20 +320,25 @@ def run(paths: Sequence[str], options: Options = Options(), pattern: Optional[st
         remove_leftovers()
         token = new_run_token()
         try:
-            for index, case in enumerate(cases, start=1):
-                prefix = f"{LAB_PREFIX}{token}-{index}-"
-                report = run_case(case, prefix, options, emit)
-                print_report(report, emit)
-                if options.keep:
-                    print_keep_hint(report, prefix, emit)
-                passed += report.passed
-                failed += report.failed
-                skipped += report.skipped
+            index = 0
+            for plane in dataplanes:
+                for case in cases:
+                    index += 1
+                    prefix = f"{LAB_PREFIX}{token}-{index}-"
+                    report = run_case(case, prefix, replace(options, dataplane=plane), emit)
+                    print_report(report, emit)
+                    if options.keep:
+                        print_keep_hint(report, prefix, emit)
+                    per_plane.setdefault(plane, Tally()).add(report)
         finally:
             if not options.keep:
                 remove_run(token)       # normally nothing is left; after Ctrl-C there may be
-    summary = f"{passed} passed, {failed} failed"
-    if skipped:
-        summary += f", {skipped} skipped"
-    emit(summary)
-    return 1 if failed else 0
+    total = Tally(failed=failed)
+    for plane, tally in per_plane.items():
+        for name in ("passed", "failed", "skipped", "transition_probes", "leaks"):
+            setattr(total, name, getattr(total, name) + getattr(tally, name))
+        if len(dataplanes) > 1:
+            emit(f"{plane}: {tally.line()}; {tally.leaks} leaks in {tally.transition_probes} "
+                 f"transition probes")
+    emit(total.line())
+    return 1 if total.failed else 0

@@ -1,6 +1,7 @@
 """Every lab case of the project (and of the shared samples, when they sit
-beside the checkout), one test each: the policies must mean on the wire what
-the Kubernetes API says they mean."""
+beside the checkout), one test each per dataplane: the policies must mean on
+the wire what the Kubernetes API says they mean, whichever dataplane
+enforces them, with no cell flipping while a step is applied."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def test_the_case_folders_are_there():
 
 
 @pytest.mark.parametrize("path", case_params())
-def test_case(path, root, prefix):
-    report = run_case(load_case(path), prefix, Options())
+def test_case(path, dataplane, root, prefix):
+    report = run_case(load_case(path), prefix, Options(dataplane=dataplane))
     if not report.ok:
-        pytest.fail(f"{report.name} ({path}):\n" + "\n".join(report.lines()), pytrace=False)
+        pytest.fail(f"{report.name} ({path}, {dataplane}):\n" + "\n".join(report.lines()), pytrace=False)

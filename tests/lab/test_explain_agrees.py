@@ -251,11 +251,11 @@ def test_the_wire_sample_is_in_the_suite():
 
 
 @pytest.mark.parametrize("name", [n for n in WIRE_SAMPLE if n in CASES])
-def test_explain_agrees_with_the_wire(name, root, prefix, record_property):
+def test_explain_agrees_with_the_wire(name, dataplane, root, prefix, record_property):
     case = load_case(CASES[name])
     problems: list[str] = []
     measured = skipped = 0
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         if case.initial is not None:
             lab.set_state(case.initial)
             errors = lab.reconcile()
@@ -293,6 +293,7 @@ def test_explain_agrees_with_the_wire(name, root, prefix, record_property):
     record_property("measured", measured)
     record_property("skipped_sctp", skipped)
     if problems:
-        pytest.fail(f"{name}: {len(problems)} of {measured} measured cells differ from explain:\n"
+        pytest.fail(f"{name} ({dataplane}): {len(problems)} of {measured} measured cells differ "
+                    "from explain:\n"
                     + "\n".join(problems), pytrace=False)
     assert measured > 0

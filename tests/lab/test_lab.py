@@ -652,3 +652,30 @@ def test_keep_leaves_the_namespaces_and_says_how_to_enter_and_remove_them(root, 
     finally:
         remove_leftovers()
     assert lab_namespaces(p) == []
+
+
+def test_a_forked_run_is_the_script_run_in_the_node(root, prefix, monkeypatch):
+    """reconcile.py forked from the preloaded server answers as its own process
+    does: the same exit status and output, in the node's namespace, on both
+    dataplanes, and a usage error is a usage error."""
+    case = case_of(SMALL)
+    with Lab(case, prefix) as lab:
+        lab.set_state(case.states[0])
+        runs = {}
+        for fork in ("1", "0"):
+            monkeypatch.setenv("KPM_LAB_FORK", fork)
+            assert lab.reconcilers._forked() == (fork == "1")
+            runs[fork] = [
+                [(o.returncode, o.stdout) for o in lab.reconcilers.once(flags, dataplane=plane)]
+                for plane in ("iptables", "nftables")
+                for flags in (("--once", "--dry-run", "--output", "raw"), ("--no-such-flag",))]
+            bad = lab.reconcilers.once(("--no-such-flag",))
+            assert {o.returncode for o in bad} == {2}
+            assert all("unrecognized arguments: --no-such-flag" in o.stderr for o in bad)
+        assert runs["1"] == runs["0"]
+        pending = [code for plane in runs["1"][::2] for code, _ in plane]
+        assert pending == [2, 2], "the dry runs must find the rules to write"
+        assert "KPM-" in runs["1"][0][0][1] and "kube-policy-manager" in runs["1"][2][0][1]
+        monkeypatch.setenv("KPM_LAB_FORK", "1")
+        assert lab.reconcile() == []              # written in the node: read back there in sync
+        assert {o.returncode for o in lab.reconcilers.once(("--once", "--dry-run"))} == {0}

@@ -119,11 +119,11 @@ def expectations(new: str) -> dict:
     return cells
 
 
-def test_a_pod_unknown_to_the_api_is_refused_until_a_cycle_knows_it(root, prefix):
+def test_a_pod_unknown_to_the_api_is_refused_until_a_cycle_knows_it(root, prefix, dataplane):
     case = parse_case(yaml.safe_load(CASE), "test_new_pods.py")
     before, after = case.states
     newcomer = next(p for p in after.pods if p.key == "x/new")
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(before)
         guarded = {n: options_for(lab, n, isolate_new_pods=True) for n in NODES}
         plain = {n: options_for(lab, n) for n in NODES}
@@ -190,7 +190,7 @@ ISOLATED = textwrap.dedent("""
 """)
 
 
-def test_a_new_isolated_pod_gets_exactly_its_policy(root, prefix):
+def test_a_new_isolated_pod_gets_exactly_its_policy(root, prefix, dataplane):
     """Listed by the API with a policy: from unknown (all refused) straight
     to what its policy allows, never open in between."""
     data = yaml.safe_load(CASE)
@@ -200,7 +200,7 @@ def test_a_new_isolated_pod_gets_exactly_its_policy(root, prefix):
     case = parse_case(data, "test_new_pods.py[isolated]")
     before, after = case.states
     newcomer = next(p for p in after.pods if p.key == "x/new")
-    with Lab(case, prefix) as lab:
+    with Lab(case, prefix, dataplane=dataplane) as lab:
         lab.set_state(before)
         guarded = {n: options_for(lab, n, isolate_new_pods=True) for n in NODES}
         cycle(lab, guarded)

@@ -15,7 +15,6 @@ change.)
 """
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 import time
 
@@ -249,9 +248,7 @@ def test_reconcile_py_log_drops_flags(root, prefix, dataplane):
             assert default.records() == [] and default.errors() == []   # only the group given
         # the node holds what the flags ask for, and only with them
         assert_ok(reconcile_py(lab, "--once", "--dry-run", *CLI_FLAGS))
-        if dataplane == IPTABLES or importlib.util.find_spec("lib.nft_status") is not None:
-            # (reconcile.py status reads the nftables dataplane through lib.nft_status)
-            assert_ok(reconcile_py(lab, "status", *CLI_FLAGS))
+        assert_ok(reconcile_py(lab, "status", *CLI_FLAGS))
         plain = reconcile_py(lab, "--once", "--dry-run")
         # node-2's only pod, x/c, is isolated by nothing: the flag changes nothing there
         assert {o.node: o.returncode for o in plain} == {"node-1": 2, "node-2": 0}

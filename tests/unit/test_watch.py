@@ -518,8 +518,9 @@ def test_the_nodes_are_read_only_while_a_nodes_peer_needs_them(serve, watched):
     assert names(got.admin_policies) == ["a", "b"] and names(got.nodes) == ["node-1"]
 
     api.set_state(admin_policies=[plain])
-    eventually(lambda: api.open_watches(NODES) == 0)
-    assert cache.snapshot().nodes == [] and not cache.caches["nodes"].served
+    # the watch closes, then the cache is emptied: both are awaited
+    eventually(lambda: api.open_watches(NODES) == 0 and cache.snapshot().nodes == []
+               and not cache.caches["nodes"].served)
 
 
 def test_a_500_on_the_admin_list_fails_the_snapshot(serve, watched):

@@ -228,7 +228,7 @@ class _Compiler:
         self.sets: dict[str, IpSet] = {}
         self._ips: dict[int, dict] = {}            # id(pod) -> _split_ips(pod); the index keeps pods alive
         self._parsed: dict[str, Address] = {}      # address text -> address, for ipBlock containment
-        self._rules_memo: dict[tuple, list[Rule]] = {}
+        self._rules_memo: dict[tuple, list[FilterRule]] = {}
         self._block_memo: dict[tuple[tuple[Peer, ...], int], list[Network]] = {}
         self._net_name_memo: dict[tuple[str, tuple[Peer, ...], int], str] = {}
         self._declared: Optional[dict[tuple[str, str], list[tuple[Pod, int]]]] = None

@@ -6,7 +6,7 @@ written (or, in apply, before the next step), so the rules in force stay.
 
 A process that runs many cycles passes a LastCompiled: while the API
 returns the same objects (same identities and resourceVersions), parse and
-compile are skipped and the previous Cluster and DesiredState reused, so an
+compile are skipped and the previous Cluster and desired state reused, so an
 idle cycle costs the fetch, the kernel read and the diff. After a change,
 only the changed objects are parsed again; compile runs on the whole
 cluster. The kernel is read and diffed every cycle all the same: drift is
@@ -23,7 +23,6 @@ from lib import compile as compiler
 from lib import conntrack, dataplane, logs, objects
 from lib.intent import FamilyIntent, NodeIntent
 from lib.model import ADMIN, BASELINE, Cluster, Problem
-from lib.ruleset import DesiredState, FamilyState
 from lib.selectors import ClusterIndex
 
 STAGES = ("fetch", "parse", "compile", "read", "diff", "apply")
@@ -69,7 +68,8 @@ class StageError(Exception):
 
 
 def count(cluster: Cluster, desired, node: str, plane=None) -> Counts:
-    rules, sets, members = dataplane.of(plane).counts(desired)
+    """`plane` (lib.dataplane) counts `desired`; None: the iptables one."""
+    rules, sets, members = (plane or dataplane.IptablesDataplane).counts(desired)
     return Counts(
         policies=len(cluster.policies),
         admin_policies=len(cluster.admin_policies) + (cluster.baseline is not None),
@@ -80,16 +80,8 @@ def count(cluster: Cluster, desired, node: str, plane=None) -> Counts:
     )
 
 
-def only_families(desired: DesiredState, families) -> DesiredState:
-    """Drop what a node without IPv6 (or IPv4) cannot hold, so its plans can be empty."""
-    return DesiredState(
-        v4=desired.v4 if 4 in families else FamilyState(4),
-        v6=desired.v6 if 6 in families else FamilyState(6),
-        sets=tuple(s for s in desired.sets if s.family in families))
-
-
 def intent_families(intent: NodeIntent, families) -> NodeIntent:
-    """only_families, for any dataplane: the intent without the families the node lacks."""
+    """Drop what a node without IPv6 (or IPv4) cannot hold, so its plans can be empty."""
     return NodeIntent(
         v4=intent.v4 if 4 in families else FamilyIntent(4),
         v6=intent.v6 if 6 in families else FamilyIntent(6),

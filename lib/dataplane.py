@@ -10,7 +10,6 @@ switch leaves no moment unenforced and nothing behind.
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import Optional
 
 from lib import iptables_render, logs, nft_plan, nft_plan_view, nft_render
@@ -19,7 +18,7 @@ from lib import plan_view
 from lib.intent import NodeIntent
 from lib.kernel import Kernel, KernelError
 from lib.nft_kernel import NftKernel
-from lib.nft_state import Table
+from lib.nft_state import Table, merged_spans, spans_cover
 from lib.ruleset import DesiredState
 
 IPTABLES, NFTABLES = "iptables", "nftables"
@@ -57,13 +56,13 @@ class _Dataplane:
     def apply(self, plan):
         return self.kernel.apply(plan)
 
-    def settle(self) -> int:
+    def settle(self) -> None:
         """Once our rules are in force: remove what the other dataplane left
-        (a node switched from it). Returns the number of changes made; a
-        failure is logged and tried again next cycle, as the other rules
-        only narrow further what ours already enforce."""
+        (a node switched from it). A failure is logged and tried again next
+        cycle, as the other rules only narrow further what ours already
+        enforce."""
         if self._settled:
-            return 0
+            return
         try:
             current = self.other.read()
             cleanup = self._other_cleanup(current)
@@ -77,10 +76,8 @@ class _Dataplane:
             if not missing_binary(err):
                 logs.get().warning(f"could not remove the {self._other_name()} dataplane's "
                                    f"rules: {err}", extra={"event": "dataplane-switch-error"})
-                return 0
-            cleanup = None
+                return
         self._settled = True
-        return len(cleanup.changes) if cleanup is not None else 0
 
     def _other_name(self) -> str:
         return NFTABLES if self.name == IPTABLES else IPTABLES
@@ -275,6 +272,7 @@ def nft_may_narrow(the_plan, desired: Table) -> bool:
     that the set's new elements cover takes nothing away."""
     maps = {m.name for m in desired.maps}
     sets = desired.set_map()
+    spans: dict[str, list] = {}                 # interval set -> its merged spans, once
     grown = set()
     for line in the_plan.payload.splitlines():
         if line.startswith(_ADD_SET):
@@ -282,7 +280,11 @@ def nft_may_narrow(the_plan, desired: Table) -> bool:
         if line.startswith(_DELETE_ELEMENT):
             name, _, elements = line[len(_DELETE_ELEMENT):].partition(" ")
             s = sets.get(name)
-            if s is None or not s.interval or not _covered(_element_list(elements), s.elements):
+            if s is None or not s.interval:
+                return True
+            if name not in spans:
+                spans[name] = merged_spans(s.elements)
+            if not spans_cover(spans[name], _element_list(elements)):
                 return True
             grown.add(name)
             continue
@@ -305,25 +307,3 @@ def nft_may_narrow(the_plan, desired: Table) -> bool:
 def _element_list(braced: str) -> list[str]:
     """`{ a, b }` of an element line: its elements."""
     return [e.strip() for e in braced.strip().strip("{}").split(",") if e.strip()]
-
-
-def _span(element: str) -> tuple[int, int]:
-    """An interval element (address, prefix or `a-b`) as its first and last address."""
-    if "-" in element:
-        first, last = (ipaddress.ip_address(p.strip()) for p in element.split("-"))
-        return int(first), int(last)
-    net = ipaddress.ip_network(element, strict=False)
-    return int(net.network_address), int(net.broadcast_address)
-
-
-def _covered(elements: list[str], by: frozenset) -> bool:
-    """Whether every address of `elements` is in one of the elements `by`
-    (disjoint, as nft holds them; adjacent ones are joined here)."""
-    merged: list[list[int]] = []
-    for first, last in sorted(_span(e) for e in by):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], last)
-        else:
-            merged.append([first, last])
-    return all(any(a <= first and last <= b for a, b in merged)
-               for first, last in map(_span, elements))

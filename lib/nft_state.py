@@ -23,6 +23,7 @@ serve both.
 from __future__ import annotations
 
 import functools
+import bisect
 import ipaddress
 import re
 import socket
@@ -284,6 +285,38 @@ def interval_elements(members: Iterable[str]) -> frozenset[str]:
             out.append(_element_text(version, first, bits - size.bit_length() + 1))
             first += size
     return frozenset(out)
+
+
+def element_span(element: str) -> tuple[int, int]:
+    """An interval element as nft lists it (address, prefix or `a-b`) as
+    its first and last address."""
+    if "-" in element:
+        first, last = (_address(p.strip())[1] for p in element.split("-"))
+        return first, last
+    _, first, last = _span(element)
+    return first, last
+
+
+def merged_spans(elements: Iterable[str]) -> list[tuple[int, int]]:
+    """The elements of an interval set as sorted spans, adjacent ones joined."""
+    merged: list[list[int]] = []
+    for first, last in sorted(element_span(e) for e in elements):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return [(a, b) for a, b in merged]
+
+
+def spans_cover(spans: list[tuple[int, int]], elements: Iterable[str]) -> bool:
+    """Whether every address of `elements` lies in one of `spans` (merged_spans)."""
+    starts = [a for a, _ in spans]
+    for element in elements:
+        first, last = element_span(element)
+        i = bisect.bisect_right(starts, first) - 1
+        if i < 0 or last > spans[i][1]:
+            return False
+    return True
 
 
 def _address(text: str) -> tuple[int, int]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from lib import compile as compiler
-from lib import conntrack
+from lib import conntrack, iptables_render
 from lib import plan as planner
-from lib.cycle import only_families
+from lib.cycle import intent_families
 from lib.kernel import Kernel
 from lib.model import Cluster
 from tests.lab.netns import forget, inside, write_sysctls
@@ -185,7 +185,8 @@ def model() -> Cluster:
 
 
 def enforce(kernel: Kernel, cluster: Cluster) -> None:
-    desired = only_families(compiler.compile_node(cluster, NODE), kernel.families)
+    desired = iptables_render.render(intent_families(compiler.intend_node(cluster, NODE),
+                                                       kernel.families))
     kernel.apply(planner.diff(desired, kernel.read()))
 
 

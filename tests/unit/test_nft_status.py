@@ -109,7 +109,7 @@ def test_the_kernel_written_with_options_differs_from_a_plain_compile():
     assert by["x/db"].state == by["x/web"].state == DIFFERS      # the drop-log rules
     assert by["x/free"].state == IN_SYNC and by["x/free"].known is None
     # the pod's element leads to the chain the options made, named by its rules
-    assert by["x/db"].reasons[0].startswith(f"kpm-e4-")
+    assert by["x/db"].reasons[0].startswith("kpm-e4-")
     assert f"10.244.1.11 in kpm-egress4 leads to {DB_OUT4}" in by["x/db"].reasons[0]
     # the chains the pods' elements lead to now are theirs; new-pod isolation is the node's
     names = {c.name for c in s.node_changes}

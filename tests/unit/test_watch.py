@@ -543,12 +543,12 @@ def test_the_admin_kinds_wait_for_the_nodes_and_fail_without_them(serve, watched
     api = serve(admin_policies=[admin_policy("a")], nodes=NODES_0)
     cache, _ = watched(api, recheck=0.1)
     assert not cache.snapshot().admin_served
-    api.hang_next(1.0, path=NODES)
+    api.hang_next(3.0, path=NODES)                  # long enough for a loaded machine's look
     api.set_admin_api(True)
     eventually(lambda: lists(api.requests, ADMIN_NETWORK_POLICIES)[-1].status == 200)
     waiting = cache.snapshot()
     assert not waiting.admin_served and waiting.admin_policies == [] and waiting.nodes == []
-    got = eventually(lambda: (lambda s: s if s.admin_served else None)(cache.snapshot()), timeout=3)
+    got = eventually(lambda: (lambda s: s if s.admin_served else None)(cache.snapshot()), timeout=6)
     assert names(got.nodes) == ["node-1"]
 
     api.set_admin_api(False)

@@ -8,11 +8,14 @@ cycle, before the comparisons below run.
 
     python -m bench.cycle_process --api-server URL --node NODE --backend nft \
         [--dataplane iptables|nftables] [--cycles N] [--empty-first] [--full-rewrite] \
-        [--time-saves] [--profile FILE]
+        [--time-saves] [--profile FILE] [--on-demand]
 
 With --cycles N, N cycles run one after the other the way the daemon's loop
 runs them (sharing one LastCompiled); the last is reported, and the earlier
-ones under "previous". The dataplane runs alone (it looks for no leftovers of
+ones under "previous". With --on-demand the process is the daemon's loop
+driven from outside: a cycle each time a line arrives on stdin, reported
+as one JSON line, until stdin ends; the parent changes what the API server
+serves in between. The dataplane runs alone (it looks for no leftovers of
 the other one), so that both can be measured in one namespace; with
 --empty-first its own objects are removed before the first cycle, untimed.
 """
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-saves", action="store_true",
                    help="after the cycles, time iptables-save and ipset save of the state")
     p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the last cycle here")
+    p.add_argument("--on-demand", action="store_true",
+                   help="run a cycle for each line on stdin, each reported as a JSON line")
     args = p.parse_args(argv)
 
     from bench import fullsync
@@ -129,11 +134,13 @@ def main(argv=None) -> int:
     logs.setup("WARNING")
     api = kubeapi.ApiClient(kubeapi.load_config(api_server=args.api_server))
     kern = _plane(args.dataplane, args.backend)
-    if args.cycles > 1 and args.dataplane == "nftables":
+    if (args.cycles > 1 or args.on_demand) and args.dataplane == "nftables":
         kern.kernel.watch_changes()          # as the daemon's loop does
     if args.empty_first:
         kern.apply(kern.cleanup_plan(kern.read()))
     last = cycle.LastCompiled()
+    if args.on_demand:
+        return _on_demand(api, kern, args.node, last)
 
     outs = []
     for n in range(max(1, args.cycles)):
@@ -169,6 +176,25 @@ def main(argv=None) -> int:
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0 if report.ok else 1
+
+
+def _on_demand(api, kern, node: str, last) -> int:
+    from lib import cycle
+    ok = True
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        report = cycle.run_cycle(api.list_cluster, kern, node, problem_log=cycle.ProblemLog(),
+                                 last=last)
+        out = _summary(report, time.perf_counter() - start)
+        if hasattr(kern.kernel, "listings"):
+            out["nft_listings"] = kern.kernel.listings
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        ok = ok and report.ok
+    if hasattr(kern.kernel, "close"):
+        kern.kernel.close()
+    return 0 if ok else 1
 
 
 def _summary(report, wall: float) -> dict:

@@ -7,19 +7,27 @@ Each dataplane runs alone: it reads and writes only its own objects
 (iptables chains and ipsets; our nft table), so the two coexist in the
 namespace without either seeing the other. Measured per dataplane, best of
 REPEATS rounds: the first apply on an empty kernel, the idle loop cycle,
-a remote pod joining a peer set, a local pod added and the same pod
-removed. Apart from the kernel: the rule count of the cluster as it is and
-with every local pod there twice, which nft's shared pod chains and
-dispatch maps keep flat.
+and three one-pod changes (a remote pod joining a peer set, a local pod
+added, the same pod removed) twice: in the daemon's running loop, where
+they happen in production, and in a new process (`--once`), which lists
+the whole kernel state first. Apart from the kernel: the rule count of
+the cluster as it is and with every local pod there twice, which nft's
+shared pod chains and dispatch maps keep flat.
 """
 from __future__ import annotations
 
+import json
+import select
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 from bench import netns, scenarios, synth
 from bench.checks import Check
-from bench.run import _serve, _total, model, run_cycle_process
+from bench.run import (CYCLE_TIMEOUT, REPO, BenchError, _serve, _tail, _total, model,
+                       run_cycle_process)
 from lib import compile as compiler
 from lib import iptables_render, nft_render
 from lib.dataplane import IptablesDataplane, NftablesDataplane
@@ -28,11 +36,18 @@ from tests.apiserver import ApiServer
 
 DATAPLANES = ("iptables", "nftables")
 REPEATS = 3
-CYCLES = ("first", "idle", "remote-pod", "local-pod", "local-pod-removed")
-TITLES = {"first": "first apply (empty kernel)", "idle": "idle loop cycle",
-          "remote-pod": "remote pod joins a peer set", "local-pod": "local pod added",
-          "local-pod-removed": "local pod removed"}
 CHURN = ("remote-pod", "local-pod", "local-pod-removed")
+LOOP = tuple(f"{k} (loop)" for k in CHURN)
+CYCLES = ("first", "idle") + LOOP + CHURN
+TITLES = {"first": "first apply (empty kernel)", "idle": "idle loop cycle",
+          "remote-pod": "remote pod joins, new process", "local-pod": "local pod added, new process",
+          "local-pod-removed": "local pod removed, new process",
+          "remote-pod (loop)": "remote pod joins, loop",
+          "local-pod (loop)": "local pod added, loop",
+          "local-pod-removed (loop)": "local pod removed, loop"}
+# Cycles of the loop process before a change: the change then meets the loop
+# as it runs between changes (nft: a listing the monitor vouches for).
+SETTLE = 3
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,72 @@ def local_scaling(spec: synth.Spec) -> LocalScaling:
                         (dispatch, dispatch2))
 
 
+class LoopProcess:
+    """bench.cycle_process --on-demand: one dataplane's daemon loop, one
+    cycle per `cycle()` call, in the namespace."""
+
+    def __init__(self, ns: str, url: str, backend: str, dataplane: str):
+        self._err = tempfile.TemporaryFile()
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.cycle_process",
+                "--api-server", url, "--node", synth.NODE, "--backend", backend,
+                "--dataplane", dataplane, "--on-demand"]
+        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._err, cwd=REPO, text=True, bufsize=1)
+
+    def cycle(self) -> dict:
+        self._process.stdin.write("\n")
+        self._process.stdin.flush()
+        ready, _, _ = select.select([self._process.stdout], [], [], CYCLE_TIMEOUT)
+        line = self._process.stdout.readline() if ready else ""
+        try:
+            out = json.loads(line)
+        except ValueError:
+            raise BenchError(f"loop process gave no report:\n{self._stderr()}") from None
+        if not out.get("ok"):
+            raise BenchError(f"loop cycle failed in {out.get('failed_stage')}: {out.get('error')}")
+        out["process"] = None
+        return out
+
+    def _stderr(self) -> str:
+        self._err.seek(0)
+        return _tail(self._err.read().decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        try:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._process.kill()
+            self._process.wait()
+        self._err.close()
+
+    def __enter__(self) -> "LoopProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_loop(ns: str, server: ApiServer, backend: str, dataplane: str,
+             changes: list[tuple[str, "scenarios.State"]], start: "scenarios.State") -> dict:
+    """One loop process through `changes` (key, state), SETTLE cycles on
+    each state before the next change; the first cycle on each changed
+    state is the one measured."""
+    out = {}
+    with LoopProcess(ns, server.url, backend, dataplane) as loop:
+        _serve(server, start)
+        for _ in range(SETTLE):
+            loop.cycle()
+        for key, state in changes:
+            _serve(server, state)
+            measured = loop.cycle()
+            if key is not None:
+                out[key] = measured
+            for _ in range(SETTLE - 1):
+                loop.cycle()
+    return out
+
+
 def run_dataplanes(spec: synth.Spec, backend: str,
                    progress: Callable[[str], None] = lambda _: None,
                    quick: bool = False) -> DataplaneResult:
@@ -90,8 +171,14 @@ def run_dataplanes(spec: synth.Spec, backend: str,
              (None, first, 1, {}),
              ("local-pod", local.state, 1, {}),
              ("local-pod-removed", first, 1, {})]
+    loop_changes = [("remote-pod (loop)", remote.state), (None, first),
+                    ("local-pod (loop)", local.state), ("local-pod-removed (loop)", first)]
     repeats = 1 if quick else REPEATS
     best: dict = {dp: {} for dp in DATAPLANES}
+
+    def keep(dp: str, key, out: dict) -> None:
+        if key is not None and (key not in best[dp] or _total(out) < _total(best[dp][key])):
+            best[dp][key] = out
     with netns.namespace() as ns:
         server = ApiServer(sock=netns.bound_socket(ns))
         server.start()
@@ -108,16 +195,19 @@ def run_dataplanes(spec: synth.Spec, backend: str,
                     for dp in order:
                         out, _ = run_cycle_process(ns, server.url, backend, cycles=cycles,
                                                    dataplane=dp, **flags)
-                        if key is None:
-                            continue
-                        if key not in best[dp] or _total(out) < _total(best[dp][key]):
-                            best[dp][key] = out
+                        if key is not None:
+                            keep(dp, key, out)
+                for dp in order:
+                    for key, out in run_loop(ns, server, backend, dp, loop_changes, first).items():
+                        keep(dp, key, out)
+                served = first
         finally:
             server.stop()
     detail = {"first": "every rule and set written",
               "idle": "nothing changed: the second cycle of a process",
               "remote-pod": remote.detail, "local-pod": local.detail,
               "local-pod-removed": "the pod added just before deleted"}
+    detail.update({loop: detail[k] for loop, k in zip(LOOP, CHURN)})
     return DataplaneResult(spec, repeats, best, detail)
 
 
@@ -171,7 +261,10 @@ def table(result: DataplaneResult) -> str:
                + f"{b.get('map_elements', 0):,}".rjust(width))
     fa, fb = ipt["first"]["full"], nft["first"]["full"]
     row("full rewrite of the state: apply", fa["apply"], fb["apply"])
-    out.append("  changes: " + "; ".join(f"{TITLES[k]}: {result.detail[k]}" for k in CHURN))
+    named = {"remote-pod": "remote pod joins", "local-pod": "local pod added",
+             "local-pod-removed": "local pod removed"}
+    out.append("  changes (the same in the loop and in a new process): "
+               + "; ".join(f"{named[k]}: {result.detail[k]}" for k in CHURN))
     return "\n".join(out)
 
 
@@ -188,7 +281,7 @@ def _compare(name: str, nft: dict, ipt: dict, strict: bool = False) -> Check:
 def checks(result: DataplaneResult, scaling: LocalScaling) -> list[Check]:
     ipt, nft = result.cycles["iptables"], result.cycles["nftables"]
     out = [_compare("nftables idle loop cycle <= iptables", nft["idle"], ipt["idle"])]
-    out += [_compare(f"nftables {TITLES[k]} <= iptables", nft[k], ipt[k]) for k in CHURN]
+    out += [_compare(f"nftables {TITLES[k]} <= iptables", nft[k], ipt[k]) for k in LOOP + CHURN]
     out.append(_compare("nftables first apply faster than iptables", nft["first"], ipt["first"],
                         strict=True))
     (n1, n2), (i1, i2) = scaling.rules["nftables"], scaling.rules["iptables"]

@@ -22,7 +22,7 @@ from lib.nft_plan import NftPlan
 from lib.nft_state import ABSENT, FAMILY, TABLE, Table
 
 NFT = "nft"
-LIST_ARGS = ("-j", "list", "table", FAMILY, TABLE)
+LIST_ARGS = ("-j", "-p", "list", "table", FAMILY, TABLE)
 APPLY_ARGS = ("-f", "-")
 READ_STEP = "nft list table"
 APPLY_STEP = "nft -f (transaction)"

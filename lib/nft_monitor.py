@@ -4,11 +4,15 @@ in the background, so that an idle loop need not list our table again.
 Listing the table costs the nft binary most of an idle cycle at scale (it
 decodes every set element), while nothing changed. The kernel announces
 every change to every table (ours, anyone's, a flushed chain, a deleted
-element) to monitor listeners; any line it prints marks the ruleset as
-changed. The mark is conservative: an event that arrives late only costs
-one listing more. The loop still lists at least every `max_age` seconds,
-and whenever the monitor is not running, so a monitor that missed
-something or died costs at most that long.
+element) to monitor listeners, one batch per transaction, each closed by a
+`# new generation N by process P` line. A change to another table
+(kube-proxy's iptables-nft rules, Docker's, an admin's) leaves our listing
+as it was, so it marks nothing; anything else does: a line about our
+table, a line not understood, a batch with no line at all. The mark is
+conservative: an event that arrives late only costs one listing more. The
+loop still lists at least every `max_age` seconds, and whenever the
+monitor is not running, so a monitor that missed something or died costs
+at most that long.
 """
 from __future__ import annotations
 
@@ -20,11 +24,39 @@ import time
 from typing import Callable, Optional
 
 from lib.kernel import command_argv
+from lib.nft_state import FAMILY, TABLE
 
 _PR_SET_PDEATHSIG = 1
 # The monitor listens only once nft has started and subscribed, which no
 # output shows: listings begun this soon after the start are not trusted.
 STARTUP_GRACE = 1.0
+GENERATION = "# new generation "
+_VERBS = frozenset({"add", "delete", "destroy", "flush", "insert", "replace", "reset", "update",
+                    "rename", "create"})
+_OBJECTS = frozenset({"table", "chain", "rule", "set", "map", "element", "flowtable", "counter",
+                      "quota", "limit", "secmark", "synproxy", "meter"})
+_CT_OBJECTS = frozenset({"helper", "timeout", "expectation"})
+
+
+def foreign(line: str) -> bool:
+    """Whether a line of `nft monitor` names a change to a table other than
+    ours: `VERB OBJECT FAMILY TABLE ...` (`VERB ct helper FAMILY TABLE ...`
+    for the ct objects). False for everything else, ours or not understood."""
+    words = line.split()
+    if len(words) > 2 and words[1] == "ct" and words[2] in _CT_OBJECTS:
+        words = words[:1] + words[2:]
+    elif len(words) > 1 and words[1] not in _OBJECTS:
+        return False
+    return len(words) >= 4 and words[0] in _VERBS and (words[2], words[3]) != (FAMILY, TABLE)
+
+
+def marks_change(line: str, events: int) -> tuple[bool, int]:
+    """For one line of the monitor, given the lines already seen of the
+    batch it belongs to: whether our listing may no longer hold, and the
+    count of lines of the batch still open."""
+    if line.startswith(GENERATION):
+        return events == 0, 0                # a batch we saw nothing of counts
+    return not foreign(line), events + 1
 
 
 def _die_with_parent() -> None:      # pragma: no cover - runs in the child
@@ -47,15 +79,21 @@ class ChangeMonitor:
         self._since: Optional[float] = None  # when the last listing started
         self._started = clock()
         self._process = subprocess.Popen(
-            command_argv("nft", ["monitor"], netns), stdin=subprocess.DEVNULL,
+            command_argv("nft", ["-p", "monitor"], netns), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._read, name="nft-monitor", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        for _ in iter(self._process.stdout.readline, b""):
-            with self._lock:
-                self._changed = True
+        events = 0                           # lines of the batch not yet closed
+        for raw in iter(self._process.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            changed, events = marks_change(line, events)
+            if changed:
+                with self._lock:
+                    self._changed = True
         with self._lock:
             self._changed = True             # ended: nothing is known any more
 

@@ -15,6 +15,8 @@ Layout (docs/design.md draws it):
   kpm-n4-<hash>, kpm-p4-<hash> address sets (interval) and (address . protocol
                                . port) sets, the iptables dataplane's ipsets
                                under lower-case names
+  kpm-an4-<hash>               an address set that holds single addresses
+                               only (pods, nodes): a plain hash set
 
 Every statement is built in one fixed order and every chain is named by a
 hash of its content: a chain that does not change keeps its name and is
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
+from typing import Mapping, Optional
 
 from lib import compile as compiler
 from lib.intent import (GOTO, JUMP, LOG, LOG_TARGET, REJECT, RETURN, FamilyIntent,
@@ -51,6 +54,22 @@ def set_name(ipset_name: str) -> str:
     return ipset_name.lower()
 
 
+def _single_addresses(s: IpSet) -> bool:
+    return s.kind == HASH_NET and not any("/" in m for m in s.members)
+
+
+def nft_set_name(s: IpSet) -> str:
+    """A set of single addresses (peer pods, nodes) is a plain hash set:
+    nft fills, lists and updates it several times quicker than an interval
+    set, which it must keep disjoint. The shape is in the name (`kpm-an4-`),
+    so that a set whose members change shape becomes another set: nft
+    cannot change a set's flags in place."""
+    name = set_name(s.name)
+    if _single_addresses(s):
+        return NAME_PREFIX + "a" + name[len(NAME_PREFIX):]
+    return name
+
+
 def forward_chain(family: int) -> str:
     return f"{FORWARD}{family}"
 
@@ -64,9 +83,13 @@ def dispatch_map(direction: str, family: int) -> str:
 
 
 def render_set(s: IpSet) -> AddressSet:
+    name = nft_set_name(s)
+    if s.kind == HASH_NET and name != set_name(s.name):      # single addresses: plain
+        return AddressSet(name, ADDR[s.family], False,
+                          frozenset(address_element(m) for m in s.members))
     if s.kind == HASH_NET:
-        return AddressSet(set_name(s.name), ADDR[s.family], True, interval_elements(s.members))
-    return AddressSet(set_name(s.name), ADDR_PROTO_PORT[s.family], False,
+        return AddressSet(name, ADDR[s.family], True, interval_elements(s.members))
+    return AddressSet(name, ADDR_PROTO_PORT[s.family], False,
                       frozenset(port_element(m) for m in s.members))
 
 
@@ -74,8 +97,14 @@ def _net(text: str) -> str:
     return network_text(ipaddress.ip_network(text, strict=False))
 
 
-def match_statement(m: Match, family: int) -> str:
+def match_statement(m: Match, family: int, names: Optional[Mapping[str, str]] = None) -> str:
+    """`names`: the intent's set names -> their nft names (nft_set_name);
+    a set not in it keeps its lower-cased name."""
     ip = IP[family]
+
+    def ref(intent_set: str) -> str:
+        return (names or {}).get(intent_set) or set_name(intent_set)
+
     out: list[str] = []
     if m.in_loopback:
         out.append('iifname "lo"')
@@ -86,11 +115,11 @@ def match_statement(m: Match, family: int) -> str:
     if m.established:
         out.append("ct state established,related")
     if m.src_set is not None:
-        out.append(f"{ip} saddr @{set_name(m.src_set)}")
+        out.append(f"{ip} saddr @{ref(m.src_set)}")
     if m.dst_set is not None:
-        out.append(f"{ip} daddr @{set_name(m.dst_set)}")
+        out.append(f"{ip} daddr @{ref(m.dst_set)}")
     if m.dst_port_set is not None:
-        out.append(f"{ip} daddr . meta l4proto . th dport @{set_name(m.dst_port_set)}")
+        out.append(f"{ip} daddr . meta l4proto . th dport @{ref(m.dst_port_set)}")
     if m.protocol is not None:
         if m.dports is not None:
             first, last = m.dports
@@ -110,12 +139,16 @@ class _FamilyRenderer:
     """One family's chains. Chains are named by their content, so a chain
     is rendered after every chain it jumps to: their names are part of it."""
 
-    def __init__(self, fi: FamilyIntent):
+    def __init__(self, fi: FamilyIntent, set_names: Mapping[str, str]):
         self.family = fi.family
+        self.set_names = set_names
         self.intent = {c.name: c for c in fi.chains}
         self.names: dict[str, str] = {}           # intent chain -> nft chain
         self.chains: dict[str, Chain] = {}        # nft name -> chain
         self.sets: list[AddressSet] = []          # listed-address sets made while folding
+
+    def match(self, m: Match) -> str:
+        return match_statement(m, self.family, self.set_names)
 
     def target(self, name: str) -> str:
         hit = self.names.get(name)
@@ -150,22 +183,22 @@ class _FamilyRenderer:
     def verdict(self, rule: FilterRule) -> list[str]:
         v = rule.verdict
         if v.kind == RETURN:
-            return [match_statement(rule.match, self.family) + " return"]
+            return [self.match(rule.match) + " return"]
         if v.kind in (JUMP, GOTO):
-            return [_join(match_statement(rule.match, self.family), f"{v.kind} {self.target(v.chain)}")]
+            return [_join(self.match(rule.match), f"{v.kind} {self.target(v.chain)}")]
         if v.kind == LOG:
             limit = f"limit rate {v.log.rate}/minute burst {v.log.burst} packets"
             log = f'log prefix "{v.log.prefix}"'
             if v.log.target != LOG_TARGET:
                 log += f" group {v.log.group}"
-            return [_join(match_statement(rule.match, self.family), limit, log)]
+            return [_join(self.match(rule.match), limit, log)]
         assert v.kind == REJECT
         out = []
         if rule.match.protocol in (None, "tcp"):
-            tcp = match_statement(replace(rule.match, protocol="tcp"), self.family)
+            tcp = self.match(replace(rule.match, protocol="tcp"))
             out.append(f"{tcp} reject with tcp reset")
         if rule.match.protocol != "tcp":
-            out.append(_join(match_statement(rule.match, self.family),
+            out.append(_join(self.match(rule.match),
                              "reject with icmpx port-unreachable"))
         return out
 
@@ -208,13 +241,14 @@ def _host(net: str) -> bool:
 
 
 def _listable(rule: FilterRule) -> bool:
+    """A RETURN for one host address and nothing else."""
     m = rule.match
     if rule.verdict.kind != RETURN:
         return False
-    if m == Match(src_net=m.src_net) and m.src_net is not None:
-        return _host(m.src_net)
-    if m == Match(dst_net=m.dst_net) and m.dst_net is not None:
-        return _host(m.dst_net)
+    if m.src_net is not None:
+        return _host(m.src_net) and m == Match(src_net=m.src_net)
+    if m.dst_net is not None:
+        return _host(m.dst_net) and m == Match(dst_net=m.dst_net)
     return False
 
 
@@ -222,12 +256,14 @@ def _side(rule: FilterRule) -> str:
     return "src" if rule.match.src_net is not None else "dst"
 
 
-def render_family(fi: FamilyIntent) -> tuple[list[Chain], list[AddressSet], list[VerdictMap]]:
-    """Nothing for a family the node does not hold (an empty intent)."""
+def render_family(fi: FamilyIntent, set_names: Optional[Mapping[str, str]] = None
+                  ) -> tuple[list[Chain], list[AddressSet], list[VerdictMap]]:
+    """Nothing for a family the node does not hold (an empty intent).
+    `set_names`: the intent's set names -> their nft names."""
     if not (fi.head or fi.dispatch or fi.chains or fi.forward_tail or fi.input_tail):
         return [], [], []
     f = fi.family
-    r = _FamilyRenderer(fi)
+    r = _FamilyRenderer(fi, set_names or {})
     maps = {}
     for direction in (EGRESS, "ingress"):
         targets: dict[str, list[str]] = {}
@@ -253,10 +289,11 @@ def render_family(fi: FamilyIntent) -> tuple[list[Chain], list[AddressSet], list
 def render(intent: NodeIntent) -> Table:
     chains: list[Chain] = []
     sets = [render_set(s) for s in intent.sets]
+    set_names = {s.name: n.name for s, n in zip(intent.sets, sets)}
     maps: list[VerdictMap] = []
     into = {FORWARD: [], INPUT: []}
     for fi in (intent.v4, intent.v6):
-        c, s, m = render_family(fi)
+        c, s, m = render_family(fi, set_names)
         if not c:
             continue
         chains += c

@@ -17,6 +17,7 @@ keywords), is lower case and at most MAX_NAME characters:
                                   by their content so that pods with the same
                                   rules share one chain
   kpm-n4-<hash>, kpm-p4-<hash>    address sets, named-port sets (ipset's hashes)
+  kpm-an4-<hash>                  an address set of single addresses (plain)
 A digit right after the kind says the family (`name_family`); base chains
 serve both.
 """
@@ -337,6 +338,11 @@ def _ipv6_text(value: int) -> str:
 
 def address_element(member: str) -> str:
     """One address as a non-interval set or map lists it."""
+    if ":" not in member:
+        try:                           # the common case, quickly: IPv4 as inet_ntop spells it
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, member))
+        except OSError:
+            pass                       # other spellings: below
     text = member.strip()
     if "%" in text:                    # a scope: ipaddress's reading
         return address_text(ipaddress.ip_address(text))

@@ -2,6 +2,7 @@
 kernel announced a change (lib.nft_monitor), and a change is never missed."""
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -46,13 +47,16 @@ def test_idle_reads_list_nothing_and_a_flushed_chain_is_seen(watched):
     assert diff(DESIRED, k.read(), table_expected=True).changes
 
 
-def test_a_deleted_table_and_a_foreign_change_are_seen(watched):
+def test_another_tables_changes_list_nothing_and_a_deleted_table_is_seen(watched):
     k = watched
     k.read()
     listed = k.listings
-    nft(k.netns, "-f", "-", stdin=FOREIGN)               # someone else's table counts too
-    settled(k, listed)
-    listed = k.listings
+    nft(k.netns, "-f", "-", stdin=FOREIGN)               # someone else's table
+    subprocess.run(["ip", "netns", "exec", k.netns, "iptables", "-A", "INPUT", "-s", "192.0.2.1",
+                    "-j", "ACCEPT"], check=True, timeout=30)       # iptables-nft's table
+    time.sleep(0.5)                                      # announced by now
+    k.read()
+    assert k.listings == listed                          # our listing still holds
     nft(k.netns, "delete", "table", "inet", "kube-policy-manager")
     settled(k, listed)
     assert not k.read().exists
@@ -60,6 +64,17 @@ def test_a_deleted_table_and_a_foreign_change_are_seen(watched):
     listed = k.listings
     settled(k, listed)
     assert k.read().exists
+
+
+def test_a_deleted_element_is_seen(watched):
+    k = watched
+    before = k.read()
+    listed = k.listings
+    s = next(s for s in before.sets if s.elements)
+    element = sorted(s.elements)[0]
+    nft(k.netns, "delete", "element", "inet", "kube-policy-manager", s.name, "{", element, "}")
+    settled(k, listed)
+    assert element not in k.read().set_map()[s.name].elements
 
 
 def test_the_table_is_listed_again_after_max_age_and_when_the_monitor_ends(watched):

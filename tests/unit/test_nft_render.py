@@ -15,6 +15,7 @@ from lib.compile import intend_node
 from lib.cycle import intent_families
 from lib.model import EGRESS, INGRESS
 from lib.nft_state import Chain, Rule, Table, name_family, tagged, valid_name
+from lib.ruleset import HASH_NET, IpSet
 from tests.unit.builders import block, cluster, namespace, pod, pods_peer, policy, pport, rule, sel
 from tests.unit.nft_tracer import ALLOW, REJECT, Packet, TraceError, Tracer
 
@@ -135,6 +136,37 @@ def test_ip_block_with_except_is_one_interval_set_of_disjoint_elements():
                       ("10.201.0.1", REJECT), ("10.199.255.255", ALLOW), ("10.255.255.255", REJECT),
                       ("10.255.255.254", ALLOW), ("11.0.0.1", REJECT)):
         assert t.verdict("FORWARD", Packet(src, "10.0.1.1", "tcp", 80)) == want, src
+
+
+def test_peer_pods_are_a_plain_set_and_networks_an_interval_set():
+    pods_and_world = policy("x/mixed", sel({"app": "web"}), ingress=[
+        rule([pods_peer({"role": "client"})], [pport(80)]), rule([block("192.168.0.0/16")])])
+    neighbour = pod("x/client-2", "n3", ("10.0.2.11", "fd00:2::11"), {"role": "client"})
+    table = render(webs(1), pods_and_world, neighbour, families=(4,))
+    by_shape = {s.interval: s for s in table.sets}
+    plain, interval = by_shape[False], by_shape[True]
+    # adjacent pod addresses stay two elements: nothing to merge in a plain set
+    assert plain.name.startswith("kpm-an4-") and plain.elements == {"10.0.2.10", "10.0.2.11"}
+    assert interval.name.startswith("kpm-n4-") and interval.elements == {"192.168.0.0/16"}
+    statements = [r.statement for c in table.chains for r in c.rules]
+    assert any(f"@{plain.name}" in st for st in statements)
+    assert any(f"@{interval.name}" in st for st in statements)
+    t = Tracer(table, 4)
+    for src, want in (("10.0.2.11", ALLOW), ("10.0.2.12", REJECT), ("192.168.7.7", ALLOW)):
+        assert t.verdict("FORWARD", Packet(src, "10.0.1.1", "tcp", 80)) == want, src
+
+
+def test_a_set_whose_members_change_shape_becomes_another_set():
+    """nft cannot change a set's flags in place: the same intent set holding
+    a network where it held single addresses is another nft set, created
+    in the transaction that deletes the old one."""
+    hosts = nft_render.render_set(IpSet("KPM-N4-abc", HASH_NET, 4, frozenset({"10.9.0.1"})))
+    nets = nft_render.render_set(IpSet("KPM-N4-abc", HASH_NET, 4, frozenset({"10.9.0.0/31"})))
+    assert (hosts.name, hosts.interval) == ("kpm-an4-abc", False)
+    assert (nets.name, nets.interval) == ("kpm-n4-abc", True)
+    payload = nft_plan.diff(Table(sets=(nets,)), Table(sets=(hosts,))).payload
+    assert "add set inet kube-policy-manager kpm-n4-abc { type ipv4_addr; flags interval; }" in payload
+    assert "delete set inet kube-policy-manager kpm-an4-abc" in payload
 
 
 def test_ipv6_gets_its_own_chains_maps_and_sets():

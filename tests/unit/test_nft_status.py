@@ -56,7 +56,9 @@ def test_the_table_as_loaded_is_in_sync_pod_by_pod():
         (6, "ingress", "i6"), (6, "ingress", "ni6"), (6, "egress", "e6")]
     assert web.chains[0].name == WEB_IN4
     assert web.rules == sum(len(DESIRED.chain_map()[c.name].rules) for c in web.chains)
-    assert all(name.startswith(("kpm-n4-", "kpm-n6-", "kpm-p4-", "kpm-p6-")) for name in web.sets)
+    # peer pods in plain address sets, named ports in (address . protocol . port) sets
+    assert web.sets and all(name.startswith(("kpm-an4-", "kpm-an6-", "kpm-p4-", "kpm-p6-"))
+                            for name in web.sets)
     db = by["x/db"]
     assert (db.ingress_isolated, db.egress_isolated) == (False, True)
     assert [c.name for c in db.chains] == [DB_OUT4]
@@ -168,7 +170,7 @@ def test_a_node_without_ipv6_checks_ipv4_only():
 def test_a_peer_set_that_lost_an_element_makes_its_pods_differ():
     current = kernel("table")
     web = pods(status("table"))["x/web"]
-    name = next(n for n in web.sets if n.startswith("kpm-n4-"))
+    name = next(n for n in web.sets if n.startswith("kpm-an4-"))
     current = replace(current, sets=tuple(
         replace(s, elements=frozenset()) if s.name == name else s for s in current.sets))
     s = node_status(CLUSTER, DESIRED, current, nft_plan.diff(DESIRED, current), NODE)
@@ -178,16 +180,17 @@ def test_a_peer_set_that_lost_an_element_makes_its_pods_differ():
     assert s.node_changes == ()              # the set is one of x/web's
 
 
-def test_pods_known_through_a_merged_interval_of_the_known_pods_set():
+def test_pods_known_one_element_each_in_the_plain_known_pods_set():
     c = replace(CLUSTER, pods=CLUSTER.pods + (pod("x/free2", NODE, "10.244.1.13"),))
     desired = render(intend_node(c, NODE, options=OPTIONS))
-    local = next(s for s in desired.sets if s.name.startswith("kpm-l4-"))
-    assert local.elements == frozenset({"10.244.1.12/31"})     # .12 and .13, merged
+    local = next(s for s in desired.sets if s.name.startswith("kpm-al4-"))
+    assert not local.interval
+    assert {"10.244.1.12", "10.244.1.13"} <= local.elements     # adjacent, not merged
     s = node_status(c, desired, desired, nft_plan.diff(desired, desired), NODE)
     assert {p.pod: p.known for p in s.pods if p.pod.startswith("x/free")} == {
         "x/free": True, "x/free2": True}
     current = replace(desired, sets=tuple(
-        replace(x, elements=frozenset({"10.244.1.12"})) if x.name == local.name else x
+        replace(x, elements=x.elements - {"10.244.1.13"}) if x.name == local.name else x
         for x in desired.sets))
     s = node_status(c, desired, current, nft_plan.diff(desired, current), NODE)
     assert {p.pod: p.known for p in s.pods if p.pod.startswith("x/free")} == {

@@ -128,9 +128,10 @@ class NftablesDataplane(_Dataplane):
     def __init__(self, kernel, other=None):
         super().__init__(kernel, other)
         self._seen_table = False
+        self._sets = nft_render.SetMemo()
 
     def render(self, intent: NodeIntent) -> Table:
-        return nft_render.render(intent)
+        return nft_render.render(intent, self._sets)
 
     def diff(self, desired: Table, current: Table):
         # Our table was there before if we wrote it this process, or if the

@@ -140,7 +140,12 @@ def _elements(body: dict, where: str) -> list:
 
 def _address_set(body: dict, where: str) -> AddressSet:
     key, kinds, interval, extra = _set_shape(body, where)
-    elements = frozenset(_element(e, kinds, where) for e in _elements(body, where))
+    elems = _elements(body, where)
+    plain = [e for e in elems if type(e) is str and e] if len(kinds) == 1 else ()
+    if len(plain) == len(elems) and kinds[0] != "inet_proto":
+        elements = frozenset(plain)           # bare addresses, most of a listing: as they are
+    else:
+        elements = frozenset(_element(e, kinds, where) for e in elems)
     return AddressSet(_str(body, "name", where), key, interval, elements, extra)
 
 

@@ -286,9 +286,30 @@ def render_family(fi: FamilyIntent, set_names: Optional[Mapping[str, str]] = Non
     return chains, r.sets, list(maps.values())
 
 
-def render(intent: NodeIntent) -> Table:
+class SetMemo:
+    """The sets of the last render, for a process that renders every cycle:
+    a set whose members did not change is not spelled again (comparing two
+    frozensets costs a millisecond; spelling a large set's elements, tens)."""
+
+    def __init__(self):
+        self._last: dict[str, tuple[frozenset, AddressSet]] = {}
+
+    def render(self, sets) -> list[AddressSet]:
+        out, kept = [], {}
+        for s in sets:
+            hit = self._last.get(s.name)
+            if hit is None or hit[0] != s.members:     # the name says kind and family
+                hit = (s.members, render_set(s))
+            kept[s.name] = hit
+            out.append(hit[1])
+        self._last = kept
+        return out
+
+
+def render(intent: NodeIntent, memo: Optional[SetMemo] = None) -> Table:
+    """`memo`: the sets of the last render, to reuse those that did not change."""
     chains: list[Chain] = []
-    sets = [render_set(s) for s in intent.sets]
+    sets = memo.render(intent.sets) if memo is not None else [render_set(s) for s in intent.sets]
     set_names = {s.name: n.name for s, n in zip(intent.sets, sets)}
     maps: list[VerdictMap] = []
     into = {FORWARD: [], INPUT: []}

@@ -294,3 +294,13 @@ def test_one_address_of_two_pods_meets_both_pods_policies_as_on_iptables():
     nft_plan.diff(table, Table(exists=False))
     (shared,) = set(dispatch(table, "kpm-ingress4").values())
     assert [r.statement.split()[0] for r in table.chain_map()[shared.split()[1]].rules] == ["jump", "jump"]
+
+
+def test_a_render_reusing_the_last_ones_sets_is_the_same_render():
+    memo = nft_render.SetMemo()
+    before = cluster(NAMESPACES, CLIENT, *webs(2), WEB_FROM_CLIENTS)
+    neighbour = pod("x/client-2", "n3", ("10.0.2.11", "fd00:2::11"), {"role": "client"})
+    after = cluster(NAMESPACES, CLIENT, neighbour, *webs(2), WEB_FROM_CLIENTS)
+    for c in (before, after, before):
+        intent = intend_node(c, NODE)
+        assert nft_render.render(intent, memo) == nft_render.render(intent)

@@ -197,6 +197,7 @@ def _run_cycle(fetch, plane, node, dry_run, problem_log, conntrack_cleanup, last
         finally:
             seconds[name] = time.perf_counter() - start
 
+    plane.prefetch()                      # the kernel lists while the API is read
     try:
         fetched = stage("fetch", fetch)
         state["api_cost"] = (getattr(fetched, "requests", 0), getattr(fetched, "bytes", 0))
@@ -239,6 +240,7 @@ def _run_cycle(fetch, plane, node, dry_run, problem_log, conntrack_cleanup, last
         if not dry_run:
             plane.settle()
     except StageError as err:
+        plane.drop_prefetch()
         report = _report(False, seconds, state, node, failed_stage=err.stage, error=str(err.cause),
                          plane=plane)
         logs.get().error(f"cycle failed in {err.stage}: {err.cause}",

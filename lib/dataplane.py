@@ -53,6 +53,13 @@ class _Dataplane:
     def read(self):
         return self.kernel.read()
 
+    def prefetch(self) -> None:
+        """Begin the next read() now, where the kernel can (nftables)."""
+        getattr(self.kernel, "prefetch", lambda: None)()
+
+    def drop_prefetch(self) -> None:
+        getattr(self.kernel, "drop_prefetch", lambda: None)()
+
     def apply(self, plan):
         return self.kernel.apply(plan)
 

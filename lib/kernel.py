@@ -334,6 +334,10 @@ class _LastParse:
         return value
 
 
+def _save_step(family: int) -> str:
+    return f"iptables-save ({FAMILY_NAMES[family]}, filter table)"
+
+
 class Kernel:
     """The filter tables and ipsets of one network namespace, through one
     iptables backend."""
@@ -351,6 +355,7 @@ class Kernel:
         self.timeout = float(timeout)
         self.families = usable_families(families, netns, ipv6_sysctl_dir, timeout)
         self._parsed = _LastParse()
+        self._started: Optional[tuple[Running, dict[int, Running]]] = None   # by prefetch()
 
     def __repr__(self) -> str:
         return f"Kernel(backend={self.backend!r}, netns={self.netns!r}, families={self.families})"
@@ -358,15 +363,18 @@ class Kernel:
     # reading
 
     def read(self) -> KernelState:
-        """The filter table of each family and our ipsets, parsed. `ipset save`
-        runs while the tables are read and parsed: it takes longest."""
-        sets_saved = start("ipset save", "ipset", ["save"], netns=self.netns,
-                           timeout=self.timeout)
+        """The filter table of each family and our ipsets, parsed, from the
+        save binaries prefetch() started or, without one, started now, all
+        at once: `ipset save` takes longest."""
+        started, self._started = self._started, None
+        sets_saved, saves = started or self._start_saves()
         try:
-            tables = {family: self._read_table(family) for family in self.families}
+            tables = {family: self._parse_table(family, saves[family].result())
+                      for family in self.families}
             text = sets_saved.result()
         finally:
-            sets_saved.stop()
+            for running in (sets_saved, *saves.values()):
+                running.stop()
         try:
             sets = self._parsed("ipset save", text, ipsets.parse_save)
         except ipsets.IpsetParseError as err:
@@ -375,10 +383,37 @@ class Kernel:
         owned = {name: s for name, s in sets.items() if name.startswith(PREFIX)}
         return KernelState(tables=tables, sets=owned)
 
-    def _read_table(self, family: int) -> TableState:
+    def prefetch(self) -> None:
+        """Start the save binaries the next read() takes: they run while this
+        process fetches from the API and compiles. What they save is as old
+        as their start; a change after it is met by the next cycle."""
+        self.drop_prefetch()
+        self._started = self._start_saves()
+
+    def drop_prefetch(self) -> None:
+        """Stop saves no read() took (the cycle ended before its read)."""
+        if self._started is not None:
+            sets_saved, saves = self._started
+            self._started = None
+            for running in (sets_saved, *saves.values()):
+                running.stop()
+
+    def _start_saves(self) -> tuple["Running", dict[int, "Running"]]:
+        sets_saved = start("ipset save", "ipset", ["save"], netns=self.netns, timeout=self.timeout)
+        saves: dict[int, Running] = {}
+        try:
+            for family in self.families:
+                saves[family] = start(_save_step(family), save_binary(self.backend, family),
+                                      ["-t", "filter"], netns=self.netns, timeout=self.timeout)
+        except KernelError:
+            for running in (sets_saved, *saves.values()):
+                running.stop()
+            raise
+        return sets_saved, saves
+
+    def _parse_table(self, family: int, text: str) -> TableState:
         binary = save_binary(self.backend, family)
-        step = f"iptables-save ({FAMILY_NAMES[family]}, filter table)"
-        text = run(step, binary, ["-t", "filter"], netns=self.netns, timeout=self.timeout)
+        step = _save_step(family)
         try:
             return self._parsed(step, text, lambda t: iptables_save.parse(t, family))
         except iptables_save.SaveParseError as err:

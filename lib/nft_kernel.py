@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 from lib import nft_parse
 from lib import nft_plan as planner
 from lib.kernel import (
-    DEFAULT_TIMEOUT, IPV6_SYSCTL_DIR, LINE_QUOTE_LIMIT, ApplyStats, KernelError, run,
-    usable_families,
+    DEFAULT_TIMEOUT, IPV6_SYSCTL_DIR, LINE_QUOTE_LIMIT, ApplyStats, KernelError, Running, run,
+    start, usable_families,
 )
 from lib.nft_monitor import ChangeMonitor
 from lib.nft_plan import NftPlan
@@ -59,6 +59,7 @@ class NftKernel:
         self.timeout = float(timeout)
         self.families = usable_families(families, netns, ipv6_sysctl_dir, timeout)
         self._last: Optional[tuple[str, Table]] = None
+        self._started: Optional[Running] = None   # a listing begun by prefetch()
         self.changes: Optional[ChangeMonitor] = None
         self.listings = 0                  # times the table was listed
 
@@ -70,7 +71,27 @@ class NftKernel:
             self.changes = ChangeMonitor(self.netns, max_age)
         return self
 
+    def prefetch(self) -> None:
+        """Start the listing the next read() takes, unless the monitor vouches
+        for the last one: the nft binary lists (most of a read's time) while
+        this process fetches from the API and compiles. The listing is as
+        old as its start; a change after it is announced to the monitor, or
+        met by the next process."""
+        self.drop_prefetch()
+        if self.changes is not None and self._last is not None and self.changes.unchanged():
+            return
+        if self.changes is not None:
+            self.changes.listing()
+        self._started = start(READ_STEP, NFT, LIST_ARGS, netns=self.netns, timeout=self.timeout)
+
+    def drop_prefetch(self) -> None:
+        """Stop a listing no read() took (the cycle ended before its read)."""
+        if self._started is not None:
+            self._started.stop()
+            self._started = None
+
     def close(self) -> None:
+        self.drop_prefetch()
         if self.changes is not None:
             self.changes.close()
             self.changes = None
@@ -85,21 +106,25 @@ class NftKernel:
         parses nothing. The JSON listing holds no counters or times that
         would vary while the table does not. With watch_changes(), not even
         the listing runs while the kernel announced no change."""
-        if self.changes is not None and self._last is not None and self.changes.unchanged():
-            return self._last[1]
-        if self.changes is not None:
-            self.changes.listing()
+        started, self._started = self._started, None
+        if started is None:
+            if self.changes is not None and self._last is not None and self.changes.unchanged():
+                return self._last[1]
+            if self.changes is not None:
+                self.changes.listing()
         self.listings += 1
         try:
-            self._last = self._list()
+            self._last = self._list(started)
         except BaseException:
             self._last = None              # nothing known: the next read lists again
             raise
         return self._last[1]
 
-    def _list(self) -> tuple[str, Table]:
+    def _list(self, started: Optional[Running] = None) -> tuple[str, Table]:
         try:
-            text = run(READ_STEP, NFT, LIST_ARGS, netns=self.netns, timeout=self.timeout)
+            if started is None:
+                started = start(READ_STEP, NFT, LIST_ARGS, netns=self.netns, timeout=self.timeout)
+            text = started.result()
         except KernelError as err:
             if err.exit_code == 1 and nft_parse.table_absent(err.stderr):
                 return "", ABSENT

@@ -117,6 +117,22 @@ def test_a_read_of_the_same_state_reuses_its_parse_and_any_change_is_seen(netns,
     assert k.read().sets["KPM-N4-test"].members == {"10.0.0.1", "10.0.0.2"}
 
 
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_prefetched_saves_are_the_next_read_and_dropped_ones_are_reaped(netns, backend):
+    k = Kernel(backend, netns=netns)
+    k.apply(Plan(iptables={4: HOOK_PAYLOAD},
+                 ipset_prepare="create KPM-N4-test hash:net family inet\nadd KPM-N4-test 10.0.0.1\n"))
+    plain = k.read()
+    k.prefetch()
+    assert k.read() == plain
+    k.prefetch()
+    sets_saved, saves = k._started
+    k.drop_prefetch()
+    assert all(r._command.process.exit_code is not None for r in (sets_saved, *saves.values()))
+    in_ns(netns, "ipset", "add", "KPM-N4-test", "10.0.0.2")
+    assert k.read().sets["KPM-N4-test"].members == {"10.0.0.1", "10.0.0.2"}   # read anew
+
+
 # --- restore facts: a block is all or nothing ----------------------------------
 
 @pytest.mark.parametrize("backend,family", BACKEND_FAMILIES)

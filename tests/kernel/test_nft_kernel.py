@@ -14,6 +14,7 @@ import time
 import pytest
 
 from lib.kernel import KernelError
+from lib.kubeapi import ApiError
 from lib.nft_kernel import APPLY_STEP, READ_STEP, NftKernel
 from lib.nft_plan import NftPlan, cleanup, diff
 from lib.nft_state import (
@@ -212,6 +213,38 @@ def test_an_element_nft_points_at_in_a_long_line_is_quoted(loaded):
 
     assert "line 1: interval overlaps with an existing one at '10.244.2.7'" in str(caught.value)
     assert k.read() == clean
+
+
+# --- the listing begun early ------------------------------------------------------
+
+def test_a_prefetched_listing_is_the_next_read(loaded):
+    k, clean = loaded
+    listed = k.listings
+    k.prefetch()
+    assert k.read() == clean and k.listings == listed + 1
+    assert k.read() == clean and k.listings == listed + 2     # no prefetch: listed then
+
+
+def test_a_prefetched_listing_no_read_took_is_stopped(loaded):
+    k, clean = loaded
+    k.prefetch()
+    process = k._started._command.process
+    k.drop_prefetch()
+    assert process.exit_code is not None                     # reaped, not left running
+    nft(k.netns, "flush", "chain", "inet", "kube-policy-manager", E4)
+    assert k.read().chain_map()[E4].rules == ()              # read lists anew
+
+
+def test_a_cycle_that_fails_before_its_read_leaves_no_listing(loaded):
+    from lib import cycle, dataplane
+
+    def failing_fetch():
+        raise ApiError("the API is down")
+
+    k, _ = loaded
+    report = cycle.run_cycle(failing_fetch, dataplane.NftablesDataplane(k), "node-1")
+    assert not report.ok and report.failed_stage == "fetch"
+    assert k._started is None
 
 
 # --- reading failures ------------------------------------------------------------

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                                   quick=args.quick)
             print(report.size_table(result), end="\n\n", flush=True)
             planes = dataplanes.run_dataplanes(synth.SIZES[name], args.backend, progress,
-                                               quick=args.quick)
+                                               quick=args.quick, judged=name == check_size)
             print(dataplanes.table(planes), end="\n\n", flush=True)
             if name == check_size:
                 judged, judged_planes = result, planes

@@ -24,13 +24,14 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from lib.explain import EndpointError, admin_selects, explain
 from lib.kernel import (DEFAULT_TIMEOUT, FAMILY_NAMES, Kernel, KernelError, ipv6_available,
-                        run)
+                        run, start)
 from lib.model import EGRESS, INGRESS, Cluster, NetworkPolicy, Pod
 from lib.selectors import matches
 
@@ -116,6 +117,11 @@ def _digits(text: Optional[str]) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def _parse_address(text: str) -> Optional[tuple[int, str]]:
+    if ":" not in text:                 # IPv4 as inet_ntop spells it, which is ipaddress's
+        try:
+            return 4, socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text))
+        except OSError:
+            pass
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
@@ -234,13 +240,18 @@ def stale_flows(flows: Iterable[Flow], cluster: Cluster, node: str,
     computed once per (source, target, protocol, port), and each is computed
     on the cluster reduced to the two endpoints' pods and their namespaces'
     policies: the only parts of the cluster a verdict reads."""
-    owners: dict[str, list[Pod]] = {}
+    flows = list(flows)
     local: dict[str, Pod] = {}
+    for pod in cluster.pods:
+        if pod.node == node and not pod.host_network:
+            for ip in pod.ips:
+                local[_canonical(ip)] = pod
+    if not any(f.src in local or f.target in local for f in flows):
+        return []                          # no flow of a pod of ours: nothing to judge
+    owners: dict[str, list[Pod]] = {}
     for pod in cluster.pods:
         for ip in pod.ips:
             owners.setdefault(_canonical(ip), []).append(pod)
-            if pod.node == node and not pod.host_network:
-                local[_canonical(ip)] = pod
     policies: dict[str, list[NetworkPolicy]] = {}
     for p in cluster.policies:
         policies.setdefault(p.namespace, []).append(p)
@@ -334,7 +345,7 @@ def cleanup(target: Target, cluster: Cluster, node: str) -> CleanupStats:
     binary, error) is returned in `errors` for the caller to log; when the
     node's addresses cannot be read nothing is deleted, since node-to-pod
     flows could not be told apart."""
-    start = time.perf_counter()
+    began = time.perf_counter()
     netns, timeout, families = _target(target)
     errors: list[str] = []
     listed = skipped = stale_count = commands = deleted = failed = 0
@@ -342,20 +353,35 @@ def cleanup(target: Target, cluster: Cluster, node: str) -> CleanupStats:
 
     def stats() -> CleanupStats:
         return CleanupStats(listed, skipped, stale_count, commands, deleted, failed,
-                            time.perf_counter() - start, tuple(errors[:MAX_ERRORS]),
+                            time.perf_counter() - began, tuple(errors[:MAX_ERRORS]),
                             first_skipped)
 
     try:
         if families is None:
             families = (4, 6) if ipv6_available(netns, timeout=timeout) else (4,)
-        addresses = parse_addresses(run("conntrack cleanup: ip addr", "ip",
-                                        ["-o", "addr", "show"], netns=netns, timeout=timeout))
-        flows: list[Flow] = []
+        # The three listings run side by side: each costs a process start,
+        # most of the cleanup's time when the table is small.
+        ip_addr = start("conntrack cleanup: ip addr", "ip", ["-o", "addr", "show"],
+                        netns=netns, timeout=timeout)
+        listings = []
         for family in families:
             step = f"conntrack -L ({FAMILY_NAMES[family]})"
             try:
-                text = run(step, CONNTRACK, ["-L", "-f", FAMILY_OPTION[family], "-o", "extended"],
-                           netns=netns, timeout=timeout)
+                listings.append(start(step, CONNTRACK,
+                                      ["-L", "-f", FAMILY_OPTION[family], "-o", "extended"],
+                                      netns=netns, timeout=timeout))
+            except KernelError as err:
+                errors.append(str(err))
+        try:
+            addresses = parse_addresses(ip_addr.result())
+        except Exception:
+            for running in listings:      # not wanted any more: reaped, not left running
+                running.stop()
+            raise
+        flows: list[Flow] = []
+        for running in listings:
+            try:
+                text = running.result()
             except KernelError as err:
                 errors.append(str(err))
                 continue
@@ -364,7 +390,7 @@ def cleanup(target: Target, cluster: Cluster, node: str) -> CleanupStats:
             listed += len(listing.flows)
             skipped += listing.skipped
             first_skipped = first_skipped or listing.first_skipped
-        stale = stale_flows(flows, cluster, node, addresses)
+        stale = stale_flows(flows, cluster, node, addresses) if flows else []
         stale_count = len(stale)
         for args in delete_commands(stale):
             commands += 1

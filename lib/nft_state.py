@@ -23,12 +23,10 @@ serve both.
 """
 from __future__ import annotations
 
-import functools
 import bisect
 import ipaddress
 import re
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
@@ -208,13 +206,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def address_text(address: Address) -> str:
-    if address.version == 4:
-        return str(address)
-    words = struct.unpack("!8H", address.packed)
-    if words[:5] == (0,) * 5 and (words[5] == 0xFFFF or (words[5] == 0 and words[6] != 0)):
-        head = "::ffff:" if words[5] == 0xFFFF else "::"
-        return head + str(ipaddress.IPv4Address(address.packed[12:]))
-    return address.compressed
+    """As nft prints it: with the C library's inet_ntop, which nft calls
+    (the dotted IPv4 tails of ::a.b.c.d and ::ffff:a.b.c.d included)."""
+    return socket.inet_ntop(_AF[address.version], address.packed)
 
 
 def network_text(net: Network) -> str:
@@ -331,9 +325,8 @@ def _address(text: str) -> tuple[int, int]:
         return address.version, int(address)
 
 
-@functools.lru_cache(maxsize=65536)
 def _ipv6_text(value: int) -> str:
-    return address_text(ipaddress.IPv6Address(value))
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
 
 
 def address_element(member: str) -> str:
@@ -362,6 +355,52 @@ def port_element(member: str) -> str:
     if not 0 <= value <= 65535:
         raise ValueError(f"port element {member!r}: port {value} out of range")
     return f"{address_element(addr)} . {proto.lower()} . {value}"
+
+
+def _plainly_spelled(af: int, bits: int, text: str) -> bool:
+    """An address, or an address/prefix with its host bits clear, exactly as
+    nft lists it; False also for what it cannot tell quickly."""
+    address, slash, length = text.partition("/")
+    try:
+        packed = socket.inet_pton(af, address)
+    except OSError:
+        return False
+    if socket.inet_ntop(af, packed) != address:
+        return False
+    if not slash:
+        return True
+    if not (length.isascii() and length.isdigit()) or str(int(length)) != length \
+            or not int(length) < bits:
+        return False
+    return int.from_bytes(packed, "big") & ((1 << (bits - int(length))) - 1) == 0
+
+
+def misspelled_elements(key: str, interval: bool, elements: Iterable[str]) -> list[str]:
+    """The elements not spelled as nft lists them, for canonical_element to
+    name. The common spellings are told apart here in one pass: a first
+    table holds tens of thousands of elements, and canonical_element reads
+    each one thrice over."""
+    family = KEY_FAMILY.get(key)
+    if family is None:
+        return list(elements)
+    af, bits = _AF[family], _BITS[family]
+    out = []
+    if key in ADDR_PROTO_PORT.values():
+        protocols = set(PROTOCOLS.values())
+        for e in elements:
+            parts = e.split(" . ")
+            if len(parts) == 3 and parts[1] in protocols and parts[2].isascii() \
+                    and parts[2].isdigit() and str(int(parts[2])) == parts[2] \
+                    and int(parts[2]) <= 65535 and "/" not in parts[0] \
+                    and _plainly_spelled(af, bits, parts[0]):
+                continue
+            out.append(e)
+        return out
+    for e in elements:
+        if (interval or "/" not in e) and _plainly_spelled(af, bits, e):
+            continue
+        out.append(e)
+    return out
 
 
 def canonical_element(key: str, interval: bool, element: str) -> str:

@@ -12,7 +12,8 @@ from hypothesis import given, strategies as st
 from lib import nft_parse
 from lib.nft_state import (
     ADDR, ADDR_PROTO_PORT, MAX_COMMENT, address_text, canonical_element, hashed_name,
-    interval_elements, name_family, port_element, tag_of, tagged, valid_name,
+    interval_elements, misspelled_elements, name_family, port_element, tag_of, tagged,
+    valid_name,
 )
 from tests.unit.fixtures.nft.our_table import SPELLINGS
 
@@ -36,6 +37,42 @@ def listed_spellings() -> dict[int, str]:
 def test_canonical_element_is_what_nft_lists(i):
     key, interval, element = SPELLINGS[i]
     assert canonical_element(key, interval, element) == listed_spellings()[i]
+
+
+def test_the_quick_spelling_check_passes_only_what_nft_lists_as_it_is():
+    listed = listed_spellings()
+    for i, (key, interval, element) in enumerate(SPELLINGS):
+        passed = element not in misspelled_elements(key, interval, [element])
+        if "-" in element:           # ranges are left to canonical_element
+            assert not passed, element
+        else:
+            assert passed == (listed[i] == element), element
+    # and what it passes, canonical_element passes too: the two never disagree
+    for key, interval, element in SPELLINGS:
+        if not misspelled_elements(key, interval, [element]):
+            assert canonical_element(key, interval, element) == element
+
+
+_V4 = st.integers(min_value=0, max_value=2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+_V6 = st.integers(min_value=0, max_value=2**128 - 1).map(
+    lambda n: st.sampled_from([ipaddress.IPv6Address(n).compressed,
+                               ipaddress.IPv6Address(n).exploded])).flatmap(lambda s: s)
+
+
+@given(st.sampled_from([4, 6]).flatmap(lambda f: st.tuples(
+    st.just(f), _V4 if f == 4 else _V6, st.integers(min_value=0, max_value=129),
+    st.sampled_from(["", "/", "port", "PORT"]))), st.booleans())
+def test_what_the_quick_check_passes_is_canonical(spec, interval):
+    family, address, length, shape = spec
+    if shape == "/":
+        element, key = f"{address}/{length}", ADDR[family]
+    elif shape:
+        proto = "tcp" if shape == "port" else "TCP"
+        element, key, interval = f"{address} . {proto} . {length}", ADDR_PROTO_PORT[family], False
+    else:
+        element, key = address, ADDR[family]
+    if not misspelled_elements(key, interval, [element]):
+        assert canonical_element(key, interval, element) == element
 
 
 def test_the_spellings_nft_lists_back():

@@ -86,11 +86,11 @@ def render_set(s: IpSet) -> AddressSet:
     name = nft_set_name(s)
     if s.kind == HASH_NET and name != set_name(s.name):      # single addresses: plain
         return AddressSet(name, ADDR[s.family], False,
-                          frozenset(address_element(m) for m in s.members))
+                          frozenset(map(address_element, s.members)))
     if s.kind == HASH_NET:
         return AddressSet(name, ADDR[s.family], True, interval_elements(s.members))
     return AddressSet(name, ADDR_PROTO_PORT[s.family], False,
-                      frozenset(port_element(m) for m in s.members))
+                      frozenset(map(port_element, s.members)))
 
 
 def _net(text: str) -> str:

@@ -49,6 +49,7 @@ ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 ADDR_PROTO_PORT = {f: f"{ADDR[f]} . inet_proto . inet_service" for f in ADDR}
 KEY_FAMILY = {key: f for f, key in ADDR.items()} | {key: f for f, key in ADDR_PROTO_PORT.items()}
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}  # the ones with ports
+_PORTED = frozenset(PROTOCOLS.values())
 
 _NAME = re.compile(r"kpm-[a-z0-9][a-z0-9-]*")
 _TAG = re.compile(re.escape(COMMENT_TAG) + r"([0-9a-f]{%d})(?: |$)" % HASH_LEN)
@@ -331,11 +332,11 @@ def _ipv6_text(value: int) -> str:
 
 def address_element(member: str) -> str:
     """One address as a non-interval set or map lists it."""
-    if ":" not in member:
-        try:                           # the common case, quickly: IPv4 as inet_ntop spells it
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, member))
-        except OSError:
-            pass                       # other spellings: below
+    af = socket.AF_INET6 if ":" in member else socket.AF_INET
+    try:                               # the common case, quickly: as inet_ntop spells it, as nft
+        return socket.inet_ntop(af, socket.inet_pton(af, member))
+    except OSError:
+        pass                           # other spellings: below
     text = member.strip()
     if "%" in text:                    # a scope: ipaddress's reading
         return address_text(ipaddress.ip_address(text))
@@ -349,12 +350,13 @@ def port_element(member: str) -> str:
     `10.244.1.10 . tcp . 8080`."""
     addr, sep, port = member.strip().rpartition(",")
     proto, colon, number = port.rpartition(":")
-    if not sep or not colon or proto.lower() not in PROTOCOLS.values():
+    proto = proto.lower()
+    if not sep or not colon or proto not in _PORTED:
         raise ValueError(f"port element {member!r}: expected ADDRESS,PROTO:PORT")
     value = int(number)
     if not 0 <= value <= 65535:
         raise ValueError(f"port element {member!r}: port {value} out of range")
-    return f"{address_element(addr)} . {proto.lower()} . {value}"
+    return f"{address_element(addr)} . {proto} . {value}"
 
 
 def _plainly_spelled(af: int, bits: int, text: str) -> bool:
@@ -386,7 +388,7 @@ def misspelled_elements(key: str, interval: bool, elements: Iterable[str]) -> li
     af, bits = _AF[family], _BITS[family]
     out = []
     if key in ADDR_PROTO_PORT.values():
-        protocols = set(PROTOCOLS.values())
+        protocols = _PORTED
         for e in elements:
             parts = e.split(" . ")
             if len(parts) == 3 and parts[1] in protocols and parts[2].isascii() \

@@ -27,9 +27,10 @@ table is as atomic as any other transaction.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 from lib.nft_state import (
     ADDR, FAMILY, KEY_FAMILY, MAX_COMMENT, TABLE, AddressSet, Chain, Table,
@@ -67,24 +68,36 @@ def _tokens(statement: str) -> list[str]:
     return statement.split()
 
 
-def _check_rule(chain: Chain, i: int, names: set[str], sets: set[str]) -> None:
-    rule = chain.rules[i]
-    s, c = rule.statement, rule.comment
-    where = f"nft chain {chain.name}: rules[{i}]"
+@functools.lru_cache(maxsize=65536)
+def _rule_references(statement: str, comment: Optional[str]) -> tuple[tuple[str, str], ...]:
+    """What one rule names, (verb, name) with the verb `jump`, `goto` or `@`
+    for a set, once its statement and comment are found safe to write.
+    Cached: a loop checks the same rules every cycle, and which of those
+    names exist is checked apart."""
+    s, c = statement, comment
     if not s.strip() or _UNSAFE_STATEMENT.search(s) or s.count('"') % 2:
-        raise ValueError(f"{where}: statement {s!r} must be one nft statement "
+        raise ValueError(f"statement {s!r} must be one nft statement "
                          "(no newline, ';' or '#', quotes paired)")
     if "accept" in _tokens(s):
-        raise ValueError(f"{where}: statement {s!r} accepts; our rules only return or refuse")
+        raise ValueError(f"statement {s!r} accepts; our rules only return or refuse")
     if c is None or len(c) > MAX_COMMENT or not _OUR_COMMENT.fullmatch(c):
-        raise ValueError(f"{where}: comment {c!r} must be kpm:<hash> text, at most "
+        raise ValueError(f"comment {c!r} must be kpm:<hash> text, at most "
                          f"{MAX_COMMENT} characters, without quotes or backslashes")
-    for m in _REFERENCE.finditer(s):
-        if m.group(2) is not None and m.group(2) not in names:
-            raise ValueError(f"{where}: {m.group(1)} {m.group(2)}, which the desired state "
-                             "does not hold")
-        if m.group(3) is not None and m.group(3) not in sets:
-            raise ValueError(f"{where}: set @{m.group(3)}, which the desired state does not hold")
+    return tuple((m.group(1), m.group(2)) if m.group(2) is not None else ("@", m.group(3))
+                 for m in _REFERENCE.finditer(s))
+
+
+def _check_rule(chain: Chain, i: int, names: set[str], sets: set[str]) -> None:
+    rule = chain.rules[i]
+    try:
+        references = _rule_references(rule.statement, rule.comment)
+    except ValueError as err:
+        raise ValueError(f"nft chain {chain.name}: rules[{i}]: {err}") from None
+    for verb, name in references:
+        if name not in (sets if verb == "@" else names):
+            what = f"set @{name}" if verb == "@" else f"{verb} {name}"
+            raise ValueError(f"nft chain {chain.name}: rules[{i}]: {what}, which the desired "
+                             "state does not hold")
 
 
 def _check_verdict(where: str, verdict: str, names: set[str]) -> None:

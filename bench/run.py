@@ -317,6 +317,19 @@ def _total(result: dict) -> float:
     return sum(result["seconds"].values())
 
 
+def quickest_stages(runs: list[dict]) -> dict:
+    """Repeated runs of one cycle as one report: the quickest run's, with
+    each stage's seconds the least that stage took in any run. A run's
+    total carries every stage's jitter at once (fetch and parse, the same
+    work on either side of a comparison, spread by a tenth of a second
+    here), so two nearly equal cycles are told apart by their stages'
+    floors, not by which run was luckiest."""
+    best = min(runs, key=_total)
+    seconds = {stage: min(r["seconds"][stage] for r in runs if stage in r["seconds"])
+               for stage in best["seconds"]}
+    return {**best, "seconds": seconds}
+
+
 def run_size(spec: synth.Spec, backend: str, profile_dir: Optional[str] = None,
              progress: Callable[[str], None] = lambda _: None, quick: bool = False) -> SizeResult:
     """The cycles of one size, each in a new process, except the idle loop

@@ -146,6 +146,7 @@ class _FamilyRenderer:
         self.names: dict[str, str] = {}           # intent chain -> nft chain
         self.chains: dict[str, Chain] = {}        # nft name -> chain
         self.sets: list[AddressSet] = []          # listed-address sets made while folding
+        self._rejects: dict[Match, tuple[str, ...]] = {}
 
     def match(self, m: Match) -> str:
         return match_statement(m, self.family, self.set_names)
@@ -193,14 +194,19 @@ class _FamilyRenderer:
                 log += f" group {v.log.group}"
             return [_join(self.match(rule.match), limit, log)]
         assert v.kind == REJECT
+        hit = self._rejects.get(rule.match)      # nearly every pod chain ends alike
+        if hit is None:
+            hit = self._rejects[rule.match] = self._reject(rule.match)
+        return list(hit)
+
+    def _reject(self, m: Match) -> tuple[str, ...]:
         out = []
-        if rule.match.protocol in (None, "tcp"):
-            tcp = self.match(replace(rule.match, protocol="tcp"))
+        if m.protocol in (None, "tcp"):
+            tcp = self.match(replace(m, protocol="tcp"))
             out.append(f"{tcp} reject with tcp reset")
-        if rule.match.protocol != "tcp":
-            out.append(_join(self.match(rule.match),
-                             "reject with icmpx port-unreachable"))
-        return out
+        if m.protocol != "tcp":
+            out.append(_join(self.match(m), "reject with icmpx port-unreachable"))
+        return tuple(out)
 
     def rules(self, rules, chain: str = "") -> tuple[Rule, ...]:
         out: list[Rule] = []

@@ -24,6 +24,7 @@ serve both.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import re
 import socket
@@ -108,6 +109,7 @@ def safe_text(text: str) -> str:
     return _UNSAFE_TEXT.sub("_", text)[:MAX_TEXT]
 
 
+@functools.lru_cache(maxsize=16384)      # pods under alike policies repeat their rules
 def tagged(statement: str, text: str = "") -> Rule:
     """The rule we write for `statement`, its comment within nft's limit."""
     digest = short_hash(statement, "#", text, length=HASH_LEN)
@@ -330,6 +332,7 @@ def _ipv6_text(value: int) -> str:
     return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
 
 
+@functools.lru_cache(maxsize=65536)      # a pod's address stands in many sets
 def address_element(member: str) -> str:
     """One address as a non-interval set or map lists it."""
     af = socket.AF_INET6 if ":" in member else socket.AF_INET

@@ -6,9 +6,10 @@ every round) so that whatever else loads the machine weighs on both alike.
 Each dataplane runs alone: it reads and writes only its own objects
 (iptables chains and ipsets; our nft table), so the two coexist in the
 namespace without either seeing the other. Measured per dataplane over
-REPEATS rounds, each stage's quickest (bench.run.quickest_stages): the first apply on an empty kernel, the idle loop cycle,
-and three one-pod changes (a remote pod joining a peer set, a local pod
-added, the same pod removed) twice: in the daemon's running loop, where
+REPEATS rounds, each stage's quickest (bench.run.quickest_stages): the
+first apply on an empty kernel, the idle loop cycle, and three one-pod
+changes (a remote pod joining a peer set, a local pod added, the same pod
+removed) twice: in the daemon's running loop, where
 they happen in production, and in a new process (`--once`), which lists
 the whole kernel state first. Apart from the kernel: the rule count of
 the cluster as it is and with every local pod there twice, which nft's
@@ -176,11 +177,11 @@ def run_dataplanes(spec: synth.Spec, backend: str,
     loop_changes = [("remote-pod (loop)", remote.state), (None, first),
                     ("local-pod (loop)", local.state), ("local-pod-removed (loop)", first)]
     repeats = 1 if quick else CHECK_REPEATS if judged else REPEATS
-    best: dict = {dp: {} for dp in DATAPLANES}
+    runs: dict = {dp: {} for dp in DATAPLANES}      # dataplane -> cycle key -> its reports
 
     def keep(dp: str, key, out: dict) -> None:
         if key is not None:
-            best[dp].setdefault(key, []).append(out)
+            runs[dp].setdefault(key, []).append(out)
     with netns.namespace() as ns:
         server = ApiServer(sock=netns.bound_socket(ns))
         server.start()
@@ -205,8 +206,8 @@ def run_dataplanes(spec: synth.Spec, backend: str,
                 served = first
         finally:
             server.stop()
-    best = {dp: {key: quickest_stages(runs) for key, runs in cycles.items()}
-            for dp, cycles in best.items()}
+    best = {dp: {key: quickest_stages(reports) for key, reports in cycles.items()}
+            for dp, cycles in runs.items()}
     detail = {"first": "every rule and set written",
               "idle": "nothing changed: the third cycle of a process, its start behind it",
               "remote-pod": remote.detail, "local-pod": local.detail,

@@ -390,7 +390,7 @@ def cleanup(target: Target, cluster: Cluster, node: str) -> CleanupStats:
             listed += len(listing.flows)
             skipped += listing.skipped
             first_skipped = first_skipped or listing.first_skipped
-        stale = stale_flows(flows, cluster, node, addresses) if flows else []
+        stale = stale_flows(flows, cluster, node, addresses)
         stale_count = len(stale)
         for args in delete_commands(stale):
             commands += 1

@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 
 from lib.nft_state import (
     ADDR, FAMILY, KEY_FAMILY, MAX_COMMENT, TABLE, AddressSet, Chain, Table,
-    VerdictMap, canonical_element, misspelled_elements, name_family, valid_name,
+    VerdictMap, canonical_element, name_family, valid_name,
 )
 from lib.plan import Change, hashes_drift
 from lib.ruleset import COMMENT_TAG, HASH_LEN
@@ -145,7 +145,7 @@ def _check_desired(desired: Table) -> None:
 def _check_elements(name: str, key: str, interval: bool, elements: Iterable[str]) -> None:
     """Elements about to be added must be spelled as nft lists them, or the
     next read would never match and every cycle would write them again."""
-    for e in misspelled_elements(key, interval, elements):
+    for e in elements:
         try:
             spelled = canonical_element(key, interval, e)
         except ValueError as err:

@@ -353,83 +353,50 @@ def port_element(member: str) -> str:
     `10.244.1.10 . tcp . 8080`."""
     addr, sep, port = member.strip().rpartition(",")
     proto, colon, number = port.rpartition(":")
-    proto = proto.lower()
-    if not sep or not colon or proto not in _PORTED:
+    if not sep or not colon:
         raise ValueError(f"port element {member!r}: expected ADDRESS,PROTO:PORT")
+    return _port_triple(member, addr, proto, number)
+
+
+def _port_triple(what: str, addr: str, proto: str, number: str) -> str:
+    proto = proto.lower()
+    if proto not in _PORTED:
+        raise ValueError(f"port element {what!r}: expected ADDRESS,PROTO:PORT")
     value = int(number)
     if not 0 <= value <= 65535:
-        raise ValueError(f"port element {member!r}: port {value} out of range")
+        raise ValueError(f"port element {what!r}: port {value} out of range")
     return f"{address_element(addr)} . {proto} . {value}"
-
-
-def _plainly_spelled(af: int, bits: int, text: str) -> bool:
-    """An address, or an address/prefix with its host bits clear, exactly as
-    nft lists it; False also for what it cannot tell quickly."""
-    address, slash, length = text.partition("/")
-    try:
-        packed = socket.inet_pton(af, address)
-    except OSError:
-        return False
-    if socket.inet_ntop(af, packed) != address:
-        return False
-    if not slash:
-        return True
-    if not (length.isascii() and length.isdigit()) or str(int(length)) != length \
-            or not int(length) < bits:
-        return False
-    return int.from_bytes(packed, "big") & ((1 << (bits - int(length))) - 1) == 0
-
-
-def misspelled_elements(key: str, interval: bool, elements: Iterable[str]) -> list[str]:
-    """The elements not spelled as nft lists them, for canonical_element to
-    name. The common spellings are told apart here in one pass: a first
-    table holds tens of thousands of elements, and canonical_element reads
-    each one thrice over."""
-    family = KEY_FAMILY.get(key)
-    if family is None:
-        return list(elements)
-    af, bits = _AF[family], _BITS[family]
-    out = []
-    if key in ADDR_PROTO_PORT.values():
-        protocols = _PORTED
-        for e in elements:
-            parts = e.split(" . ")
-            if len(parts) == 3 and parts[1] in protocols and parts[2].isascii() \
-                    and parts[2].isdigit() and str(int(parts[2])) == parts[2] \
-                    and int(parts[2]) <= 65535 and "/" not in parts[0] \
-                    and _plainly_spelled(af, bits, parts[0]):
-                continue
-            out.append(e)
-        return out
-    for e in elements:
-        if (interval or "/" not in e) and _plainly_spelled(af, bits, e):
-            continue
-        out.append(e)
-    return out
 
 
 def canonical_element(key: str, interval: bool, element: str) -> str:
     """`element` (already in nft's syntax) spelled as nft lists it, for
-    checking what is about to be written; raises ValueError."""
-    if key in ADDR_PROTO_PORT.values():
-        addr, proto, port = (p.strip() for p in element.split(" . "))
+    checking what is about to be written; raises ValueError. Each element
+    is read once: a first table checks tens of thousands."""
+    family = KEY_FAMILY.get(key)
+    if family is None:
+        raise ValueError(f"element {element!r}: unsupported key type {key}")
+    if key == ADDR_PROTO_PORT[family]:
+        addr, proto, port = element.split(" . ")
+        proto = proto.strip()
         if proto.isdigit():
             proto = PROTOCOLS.get(int(proto), proto)
-        spelled = port_element(f"{addr},{proto}:{port}")
-        if KEY_FAMILY[key] != _address(addr)[0]:
-            raise ValueError(f"element {element!r}: not of type {key}")
-        return spelled
-    if key not in ADDR.values():
-        raise ValueError(f"element {element!r}: unsupported key type {key}")
-    if _address(element.split("/")[0].split("-")[0].strip())[0] != KEY_FAMILY[key]:
-        raise ValueError(f"element {element!r}: not of type {key}")
-    if not interval:
-        return address_element(element)
-    if "-" in element:
+        spelled = _port_triple(element, addr.strip(), proto, port)
+        version = 6 if ":" in spelled.partition(" . ")[0] else 4
+    elif not interval:
+        spelled = address_element(element)
+        version = 6 if ":" in spelled else 4
+    elif "-" in element:
         first, last = (ipaddress.ip_address(p.strip()) for p in element.split("-"))
+        if first.version != last.version:
+            raise ValueError(f"element {element!r}: not of type {key}")
         nets = list(ipaddress.summarize_address_range(first, last))
-        if len(nets) == 1:
-            return network_text(nets[0])
-        return f"{address_text(first)}-{address_text(last)}"
-    version, first, last = _span(element)
-    return _element_text(version, first, _BITS[version] - (last - first + 1).bit_length() + 1)
+        spelled = (network_text(nets[0]) if len(nets) == 1
+                   else f"{address_text(first)}-{address_text(last)}")
+        version = first.version
+    else:
+        version, first, last = _span(element)
+        spelled = _element_text(version, first,
+                                _BITS[version] - (last - first + 1).bit_length() + 1)
+    if version != family:
+        raise ValueError(f"element {element!r}: not of type {key}")
+    return spelled
